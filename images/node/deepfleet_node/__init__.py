@@ -1,0 +1,1 @@
+"""Code that runs inside deepfleet node containers: detect, train, infer."""

@@ -1,0 +1,3 @@
+"""deepfleet: DeepSpeed across the machines on your LAN, in containers."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,111 @@
+"""Build the node images from images/Dockerfile.<flavor> with the manifest's versions.
+
+The build context is images/; images/context/ is staged here each build with the
+extra CA certificates and the optional local wheelhouse, so Dockerfiles stay static.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ImageError
+from .manifest import images_dir, read_manifest
+
+FLAVORS = ("cpu", "cuda", "rocm")
+# BASE_IMAGE=local makes this Debian base with debootstrap where no registry is reachable.
+LOCAL_BASE = "deepfleet/base:bookworm"
+DEFAULT_CA_DIR = Path("/usr/local/share/ca-certificates")
+
+
+def image_tag(flavor: str) -> str:
+    return f"deepfleet/{flavor}:latest"
+
+
+@dataclass(frozen=True)
+class BuildRequest:
+    flavor: str = "cpu"
+    base_image: str = "local"
+    ca_dir: Path | None = DEFAULT_CA_DIR
+    wheelhouse: Path | None = None
+    torch_index_url: str = ""
+    tag: str = ""
+    extra_args: dict[str, str] = field(default_factory=dict)
+
+    def resolved_tag(self) -> str:
+        return self.tag or image_tag(self.flavor)
+
+    def resolved_base(self) -> str:
+        return LOCAL_BASE if self.base_image == "local" else self.base_image
+
+
+def build_args(req: BuildRequest, manifest: dict[str, str]) -> dict[str, str]:
+    args = dict(manifest)
+    args["BASE_IMAGE"] = req.resolved_base()
+    args["TORCH_INDEX_URL"] = req.torch_index_url
+    args.update(req.extra_args)
+    return args
+
+
+def stage_context(req: BuildRequest, root: Path) -> Path:
+    """Fill images/context with the CAs and wheels this build should use."""
+    context = root / "context"
+    shutil.rmtree(context, ignore_errors=True)
+    (context / "ca-certificates").mkdir(parents=True)
+    (context / "wheels").mkdir()
+    if req.ca_dir and req.ca_dir.is_dir():
+        for cert in sorted(req.ca_dir.rglob("*.crt")):
+            shutil.copy2(cert, context / "ca-certificates" / cert.name)
+    if req.wheelhouse and req.wheelhouse.is_dir():
+        for wheel in sorted(req.wheelhouse.glob("*.whl")):
+            # hard links keep a multi-GB wheelhouse from being copied on every build
+            target = context / "wheels" / wheel.name
+            try:
+                target.hardlink_to(wheel)
+            except OSError:
+                shutil.copy2(wheel, target)
+    return context
+
+
+def ensure_local_base(root: Path) -> None:
+    result = subprocess.run([str(root / "make-base.sh"), LOCAL_BASE], check=False)
+    if result.returncode != 0:
+        raise ImageError(f"could not make the local base image {LOCAL_BASE} (see output above)")
+
+
+def build(client, req: BuildRequest, out=sys.stdout) -> str:
+    """Build the image with docker-py's API client; returns the image ID."""
+    if req.flavor not in FLAVORS:
+        raise ImageError(f"unknown flavor {req.flavor!r}; choose one of {', '.join(FLAVORS)}")
+    root = images_dir()
+    dockerfile = root / f"Dockerfile.{req.flavor}"
+    if not dockerfile.is_file():
+        raise ImageError(f"{dockerfile} is missing")
+    if req.base_image == "local":
+        ensure_local_base(root)
+    stage_context(req, root)
+    args = build_args(req, read_manifest(root / "versions.env"))
+    image_id = None
+    stream = client.api.build(
+        path=str(root),
+        dockerfile=dockerfile.name,
+        tag=req.resolved_tag(),
+        buildargs=args,
+        rm=True,
+        forcerm=True,
+        decode=True,
+    )
+    for chunk in stream:
+        if "stream" in chunk:
+            out.write(chunk["stream"])
+            out.flush()
+        if "aux" in chunk and "ID" in chunk["aux"]:
+            image_id = chunk["aux"]["ID"]
+        if "error" in chunk:
+            raise ImageError(f"building {req.resolved_tag()} failed: {chunk['error'].strip()}")
+    if image_id is None:
+        image_id = client.images.get(req.resolved_tag()).id
+    return image_id

@@ -1,0 +1,267 @@
+"""deepfleet's command line. Every DeepfleetError becomes one line on stderr and exit 1."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from . import cluster, jobs
+from .build import BuildRequest, build
+from .errors import DeepfleetError, JobError
+from .inventory import DEFAULT_SSH_CONFIG, resolve
+from .state import StateStore
+
+
+def _split_nodes(values: list[str]) -> list[str]:
+    return [word for value in values for word in value.split()]
+
+
+def _slots(values: list[str]) -> dict[str, int]:
+    slots = {}
+    for value in values:
+        for item in value.replace(",", " ").split():
+            name, sep, count = item.rpartition("=")
+            if not sep or not count.isdigit():
+                raise DeepfleetError(f"--slots expects NODE=N, got {item!r}")
+            slots[name] = int(count)
+    return slots
+
+
+def cmd_up(args) -> int:
+    ssh_config = Path(args.ssh_config) if args.ssh_config else DEFAULT_SSH_CONFIG
+    inventory = resolve(_split_nodes(args.nodes), ssh_config)
+    opts = cluster.UpOptions(
+        image=args.image,
+        default_flavor=args.flavor,
+        compose_overrides=[Path(p) for p in args.compose_override],
+        cpu_slots=args.cpu_slots,
+        slots=_slots(args.slots),
+        pull=args.pull,
+        timeout=args.timeout,
+    )
+    if args.dry_run:
+        print(cluster.dry_run(inventory, opts))
+        return 0
+    cluster.up(inventory, StateStore(args.state_dir), opts)
+    return cmd_status(args)
+
+
+def cmd_status(args) -> int:
+    store = StateStore(args.state_dir)
+    state = store.load()
+    rows = []
+    for node in state.nodes:
+        try:
+            client = cluster.connect(node.spec, args.timeout)
+            try:
+                status = cluster.containers.state_of(client, node.container_name)
+            finally:
+                client.close()
+        except DeepfleetError as exc:
+            status = f"unreachable: {exc}"
+        report = node.parsed_report() if node.report else None
+        rows.append(
+            {
+                "node": node.spec.name,
+                "address": node.spec.host,
+                "container": node.container_name,
+                "state": status,
+                "flavor": node.flavor,
+                "gpus": report.gpu_summary if report else "?",
+                "versions": report.versions if report else {},
+                "cpus": report.cpu_count if report else None,
+            }
+        )
+    if getattr(args, "json", False):
+        print(json.dumps({"cluster": state.cluster, "nodes": rows}, indent=2))
+        return 0
+    print(f"cluster {state.cluster}")
+    print(
+        f"{'NODE':<12} {'ADDRESS':<16} {'STATE':<10} {'FLAVOR':<6} {'CPUS':>4}  "
+        f"{'GPUS':<24} VERSIONS"
+    )
+    for r in rows:
+        v = r["versions"]
+        versions = " ".join(f"{k}={v.get(k)}" for k in ("torch", "deepspeed", "transformers"))
+        print(
+            f"{r['node']:<12} {r['address']:<16} {r['state']:<10} {r['flavor']:<6} "
+            f"{r['cpus'] or '?':>4}  {r['gpus']:<24} {versions}"
+        )
+    return 0
+
+
+def cmd_down(args) -> int:
+    warnings = cluster.down(StateStore(args.state_dir), volumes=args.volumes, timeout=args.timeout)
+    for line in warnings:
+        print(f"deepfleet: warning: {line}", file=sys.stderr)
+    print("deepfleet: cluster removed")
+    return 0
+
+
+def _train_request(args) -> jobs.TrainRequest:
+    return jobs.TrainRequest(
+        model=args.model,
+        data=args.data,
+        config=args.config,
+        run=args.run,
+        steps=args.steps,
+        seq_len=args.seq_len,
+        micro_batch=args.micro_batch,
+        lr=args.lr,
+        log_every=args.log_every,
+        save_every=args.save_every,
+        resume=args.resume,
+        extra=args.extra,
+    )
+
+
+def cmd_train(args) -> int:
+    req = _train_request(args)
+    store = StateStore(args.state_dir)
+    if args.dry_run:
+        state = store.load()
+        session = cluster.Session(state, {})
+        print(jobs.train_dry_run(session.plan(), req))
+        return 0
+    session = cluster.open_session(store, args.timeout)
+    try:
+        jobs.train(session, req)
+    finally:
+        session.close()
+    return 0
+
+
+def cmd_infer(args) -> int:
+    req = jobs.InferRequest(
+        model=args.model,
+        run=args.run,
+        prompts=args.prompt,
+        prompts_file=args.prompts,
+        max_new_tokens=args.max_new_tokens,
+        greedy=not args.sample,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        output=args.output,
+        extra=args.extra,
+    )
+    session = cluster.open_session(StateStore(args.state_dir), args.timeout)
+    try:
+        _, records = jobs.infer(session, req)
+    finally:
+        session.close()
+    for record in records:
+        print(f"{record.get('prompt')!r} => {record.get('completion')!r}")
+    return 0
+
+
+def cmd_build(args) -> int:
+    import docker
+
+    req = BuildRequest(
+        flavor=args.flavor,
+        base_image=args.base_image,
+        ca_dir=Path(args.ca_dir) if args.ca_dir else None,
+        wheelhouse=Path(args.wheelhouse) if args.wheelhouse else None,
+        torch_index_url=args.torch_index_url,
+        tag=args.tag,
+    )
+    client = docker.from_env(timeout=3600)
+    image_id = build(client, req)
+    print(f"deepfleet: built {req.resolved_tag()} ({image_id[:19]})")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="deepfleet", description=__doc__)
+    p.add_argument("--state-dir", type=Path, default=None, help="default ./.deepfleet")
+    p.add_argument("--timeout", type=float, default=15.0, help="SSH connect timeout (s)")
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    up = sub.add_parser("up", help="start one container per node and plan the cluster")
+    up.add_argument("nodes", nargs="+", help="[user@]host[:port][=flavor] or SSH config alias")
+    up.add_argument("--ssh-config", default=os.environ.get("DEEPFLEET_SSH_CONFIG"))
+    up.add_argument("--image", default=None, help="node image (default deepfleet/<flavor>:latest)")
+    up.add_argument("--flavor", default="cpu", choices=("cpu", "cuda", "rocm"))
+    up.add_argument("--compose-override", action="append", default=[], metavar="FILE")
+    up.add_argument("--cpu-slots", type=int, default=1, help="processes per CPU-only node")
+    up.add_argument("--slots", action="append", default=[], metavar="NODE=N")
+    up.add_argument("--pull", choices=("auto", "always", "never"), default="auto")
+    up.add_argument("--dry-run", action="store_true", help="print the container specs only")
+    up.set_defaults(func=cmd_up, json=False)
+
+    st = sub.add_parser("status", help="nodes, containers, GPUs and versions")
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    dn = sub.add_parser("down", help="remove every container, key and state made by up")
+    dn.add_argument("--volumes", action="store_true", help="also remove models/data/checkpoints")
+    dn.set_defaults(func=cmd_down)
+
+    tr = sub.add_parser("train", help="train with the DeepSpeed launcher on the cluster")
+    tr.add_argument("--model", default=jobs.DEMO, help="demo, a local dir, or a hub name")
+    tr.add_argument("--data", default=jobs.DEMO, help="demo, or a local .txt/.jsonl file or dir")
+    tr.add_argument("--config", default="zero2", help="zero1|zero2|zero3|zero3-offload or a path")
+    tr.add_argument("--run", default="demo", help="run name: checkpoints/<run> on every node")
+    tr.add_argument("--steps", type=int, default=60)
+    tr.add_argument("--seq-len", type=int, default=64)
+    tr.add_argument("--micro-batch", type=int, default=4)
+    tr.add_argument("--lr", type=float, default=3e-3)
+    tr.add_argument("--log-every", type=int, default=5)
+    tr.add_argument("--save-every", type=int, default=0)
+    tr.add_argument("--resume", action="store_true")
+    tr.add_argument("--dry-run", action="store_true", help="print the launcher command only")
+    tr.add_argument("extra", nargs="*", help="passed to train.py after --")
+    tr.set_defaults(func=cmd_train)
+
+    inf = sub.add_parser("infer", help="generate text with a trained or given model")
+    inf.add_argument("--model", default="", help="default: the export of --run")
+    inf.add_argument("--run", default="demo")
+    inf.add_argument("--prompt", action="append", default=[])
+    inf.add_argument("--prompts", default="", help="a .jsonl (prompt field) or .txt file")
+    inf.add_argument("--max-new-tokens", type=int, default=32)
+    inf.add_argument("--sample", action="store_true", help="sample instead of greedy")
+    inf.add_argument("--temperature", type=float, default=1.0)
+    inf.add_argument("--top-p", type=float, default=1.0)
+    inf.add_argument("--seed", type=int, default=0)
+    inf.add_argument(
+        "--output", default="", help="local JSONL (default outputs/<run>-<time>.jsonl)"
+    )
+    inf.add_argument("extra", nargs="*", help="passed to infer.py after --")
+    inf.set_defaults(func=cmd_infer)
+
+    bd = sub.add_parser("build-image", help="build a node image from images/")
+    bd.add_argument("--flavor", default="cpu", choices=("cpu", "cuda", "rocm"))
+    bd.add_argument("--base-image", default="local", help="'local' makes a debootstrap base")
+    bd.add_argument("--ca-dir", default="/usr/local/share/ca-certificates")
+    bd.add_argument("--wheelhouse", default="/opt/wheels" if Path("/opt/wheels").is_dir() else "")
+    bd.add_argument("--torch-index-url", default="")
+    bd.add_argument("--tag", default="")
+    bd.set_defaults(func=cmd_build)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except JobError as exc:
+        print(f"deepfleet: {exc.one_line()}", file=sys.stderr)
+        return exc.exit_code or 1
+    except cluster.ClusterErrors as exc:
+        for line in exc.lines():
+            print(f"deepfleet: {line}", file=sys.stderr)
+        return 1
+    except DeepfleetError as exc:
+        print(f"deepfleet: {exc.one_line()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("deepfleet: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,328 @@
+"""The executor: applies what inventory/compose/plan decided, node by node, in parallel.
+
+`up` records each container in the state file as soon as it exists, and undoes
+everything it made when any step fails, so a failed `up` leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import docker
+
+from . import compose, containers, hostfile, images, keys, reports, transfer
+from .connect import connect, fan_out
+from .errors import DeepfleetError, PlanError
+from .inventory import Inventory, NodeSpec
+from .plan import RUN_DIR, ClusterPlan, plan_cluster
+from .state import ClusterState, NodeState, StateStore
+
+CONTAINER_NAME = "deepfleet-node"
+SSH_DIR = "/root/.ssh"
+CLUSTER_KEY = f"{SSH_DIR}/deepfleet_cluster"
+
+
+class ClusterErrors(DeepfleetError):
+    """Several nodes failed; one line each."""
+
+    def __init__(self, errors: dict[str, DeepfleetError]):
+        self.errors = errors
+        super().__init__("; ".join(e.one_line() for e in errors.values()))
+
+    def lines(self) -> list[str]:
+        return [e.one_line() for e in self.errors.values()]
+
+
+def _raise_if(errors: dict[str, DeepfleetError]) -> None:
+    if len(errors) == 1:
+        raise next(iter(errors.values()))
+    if errors:
+        raise ClusterErrors(errors)
+
+
+@dataclass
+class UpOptions:
+    image: str | None = None  # default: deepfleet/<flavor>:latest
+    default_flavor: str = "cpu"
+    compose_overrides: list[Path] = field(default_factory=list)
+    cpu_slots: int = 1
+    slots: dict[str, int] = field(default_factory=dict)
+    pull: str = "auto"
+    timeout: float = 15.0
+
+
+def image_for(node: NodeSpec, opts: UpOptions) -> tuple[str, str]:
+    flavor = node.flavor or opts.default_flavor
+    return flavor, opts.image or f"deepfleet/{flavor}:latest"
+
+
+def container_spec(node: NodeSpec, cluster: str, pubkey: str, opts: UpOptions):
+    flavor, image = image_for(node, opts)
+    env = {
+        "DEEPFLEET_IMAGE": image,
+        "DEEPFLEET_CONTAINER": CONTAINER_NAME,
+        "DEEPFLEET_CLUSTER": cluster,
+        "DEEPFLEET_NODE": node.name,
+        "DEEPFLEET_AUTHORIZED_KEY": pubkey,
+    }
+    return compose.node_spec(flavor, env, opts.compose_overrides)
+
+
+def dry_run(inventory: Inventory, opts: UpOptions) -> str:
+    lines = []
+    for node in inventory.nodes:
+        spec = container_spec(node, "<new>", "<cluster key>", opts)
+        lines.append(f"{node.name}: {node.docker_url} image={spec.image}")
+        lines.append(f"  container {spec.name}: network={spec.network_mode} ipc={spec.ipc_mode}")
+        for m in spec.mounts:
+            lines.append(f"  {m.kind} {m.source} -> {m.target}")
+        for name, soft, hard in spec.ulimits:
+            lines.append(f"  ulimit {name}={soft}:{hard}")
+        for r in spec.device_requests:
+            lines.append(f"  gpus via {r.driver} count={'all' if r.count < 0 else r.count}")
+        for d in spec.devices:
+            lines.append(f"  device {d}")
+    return "\n".join(lines)
+
+
+class Session:
+    """Live connections to the nodes of a saved cluster."""
+
+    def __init__(self, state: ClusterState, clients: dict):
+        self.state = state
+        self.clients = clients
+
+    def container(self, name: str):
+        node = self.node_state(name)
+        return self.clients[name].containers.get(node.container_id or node.container_name)
+
+    def node_state(self, name: str) -> NodeState:
+        for node in self.state.nodes:
+            if node.spec.name == name:
+                return node
+        raise DeepfleetError(f"no node {name!r} in the cluster")
+
+    @property
+    def master(self) -> str:
+        return self.state.nodes[0].spec.name
+
+    def plan(self, **overrides) -> ClusterPlan:
+        return plan_cluster(
+            self.state.inventory,
+            self.state.reports(),
+            cpu_slots=overrides.get("cpu_slots", self.state.cpu_slots),
+            slots=overrides.get("slots", self.state.slots),
+        )
+
+    def close(self) -> None:
+        for client in self.clients.values():
+            try:
+                client.close()
+            except Exception:
+                pass
+
+
+def open_session(store: StateStore, timeout: float = 15.0) -> Session:
+    state = store.load()
+    clients, errors = fan_out(
+        state.inventory.nodes, lambda n: connect(n, timeout), lambda n: n.name
+    )
+    _raise_if(errors)
+    return Session(state, clients)
+
+
+def _log(out, text: str) -> None:
+    out.write(text + "\n")
+    out.flush()
+
+
+def up(inventory: Inventory, store: StateStore, opts: UpOptions, out=sys.stdout) -> ClusterState:
+    if store.exists():
+        raise DeepfleetError(
+            f"a cluster is already up (state in {store.dir}); `deepfleet down` first"
+        )
+    cluster = secrets.token_hex(4)
+    key = keys.generate(f"deepfleet-{cluster}")
+    store.dir.mkdir(parents=True, exist_ok=True)
+    store.dir.chmod(0o700)
+    keys.write_private(store.key_path, key)
+    state = ClusterState(
+        cluster=cluster,
+        image=opts.image or "",
+        nodes=[NodeState(spec=n, flavor=image_for(n, opts)[0]) for n in inventory.nodes],
+        ssh_config=inventory.ssh_config,
+        cpu_slots=opts.cpu_slots,
+        slots=dict(opts.slots),
+        compose_overrides=[str(p) for p in opts.compose_overrides],
+    )
+    clients: dict = {}
+    try:
+        _log(out, f"deepfleet: cluster {cluster}: connecting to {len(inventory.nodes)} nodes")
+        clients, errors = fan_out(
+            inventory.nodes, lambda n: connect(n, opts.timeout), lambda n: n.name
+        )
+        _raise_if(errors)
+        _put_images(state, clients, opts, out)
+        _start_containers(state, clients, key.public_openssh, opts, store, out)
+        plan = _collect_reports(state, clients, store)
+        _wire_ssh(state, clients, plan, key)
+        store.save(state)
+        _log(
+            out,
+            f"deepfleet: cluster {cluster} is up: {plan.world_size} slots, backend {plan.backend}",
+        )
+        return state
+    except BaseException:
+        _undo(state, clients, store, out)
+        raise
+    finally:
+        for client in clients.values():
+            client.close()
+
+
+def _put_images(state: ClusterState, clients: dict, opts: UpOptions, out) -> None:
+    local = docker.from_env(timeout=600)
+    try:
+        by_name = {n.spec.name: n for n in state.nodes}
+
+        def put(node: NodeState):
+            _, ref = image_for(node.spec, opts)
+            return images.ensure_image(
+                local, clients[node.spec.name], ref, node.spec.name, opts.pull
+            )
+
+        results, errors = fan_out(state.nodes, put, lambda n: n.spec.name)
+        _raise_if(errors)
+        for name, result in results.items():
+            by_name[name].image_id = result.image_id
+            _log(out, f"[{name}] image {result.describe()}")
+    finally:
+        local.close()
+
+
+def _start_containers(state, clients, pubkey, opts, store, out) -> None:
+    def start(node: NodeState):
+        client = clients[node.spec.name]
+        spec = container_spec(node.spec, state.cluster, pubkey, opts)
+        containers.remove_if_present(client, spec.name, node.spec.name, cluster=state.cluster)
+        container = containers.create_and_start(client, spec, node.spec.name)
+        node.container_id, node.container_name = container.id, spec.name
+        node.host_key = containers.wait_host_key(container, node.spec.name)
+        return container
+
+    results, errors = fan_out(state.nodes, start, lambda n: n.spec.name)
+    store.save(state)  # before raising: down must find whatever did start
+    _raise_if(errors)
+    for name in results:
+        _log(out, f"[{name}] container {CONTAINER_NAME} running")
+
+
+def _collect_reports(state, clients, store) -> ClusterPlan:
+    def detect(node: NodeState):
+        container = clients[node.spec.name].containers.get(node.container_id)
+        text = containers.exec_text(container, ["detect", "--json"], node.spec.name)
+        reports.parse(text, node.spec.name)  # validate before keeping
+        return text
+
+    results, errors = fan_out(state.nodes, detect, lambda n: n.spec.name)
+    _raise_if(errors)
+
+    for node in state.nodes:
+        node.report = json.loads(results[node.spec.name])
+    store.save(state)
+    return plan_cluster(
+        state.inventory, state.reports(), cpu_slots=state.cpu_slots, slots=state.slots
+    )
+
+
+def _wire_ssh(state: ClusterState, clients: dict, plan: ClusterPlan, key: keys.KeyPair) -> None:
+    """Give every container the hostfile, env and pinned host keys; the master the key."""
+    known = "".join(
+        keys.known_hosts_line(p.address, plan.ssh_port, n.host_key) + "\n"
+        for p, n in zip(plan.nodes, state.nodes, strict=True)
+    )
+    ssh_config = hostfile.render_ssh_config(plan, CLUSTER_KEY, f"{SSH_DIR}/known_hosts")
+    run_files = {
+        "hostfile": (hostfile.render_hostfile(plan).encode(), 0o644),
+    }
+    env_file = hostfile.render_deepspeed_env(plan.env).encode()
+
+    def wire(node: NodeState):
+        name = node.spec.name
+        container = clients[name].containers.get(node.container_id)
+        ssh_files = {"known_hosts": (known.encode(), 0o644), "config": (ssh_config.encode(), 0o600)}
+        if name == state.nodes[0].spec.name:
+            ssh_files["deepfleet_cluster"] = (key.private_openssh, 0o600)
+        transfer.put_files(container, SSH_DIR, ssh_files, name)
+        transfer.put_files(container, RUN_DIR, run_files, name)
+        transfer.put_files(container, "/root", {".deepspeed_env": (env_file, 0o644)}, name)
+
+    _, errors = fan_out(state.nodes, wire, lambda n: n.spec.name)
+    _raise_if(errors)
+    _check_ssh(state, clients, plan)
+
+
+def _check_ssh(state: ClusterState, clients: dict, plan: ClusterPlan) -> None:
+    """From the master, ssh into every node the way pdsh will; names the node that fails."""
+    master = clients[state.nodes[0].spec.name].containers.get(state.nodes[0].container_id)
+    for node in plan.nodes:
+        code, out = master.exec_run(["ssh", node.address, "true"], demux=True)
+        if code != 0:
+            err = (out[1] or b"").decode(errors="replace").strip().splitlines()
+            raise PlanError(
+                f"master cannot ssh to {node.address}:{plan.ssh_port}: "
+                f"{err[-1] if err else f'exit {code}'}",
+                node.name,
+            )
+
+
+def _undo(state: ClusterState, clients: dict, store: StateStore, out) -> None:
+    for node in state.nodes:
+        client = clients.get(node.spec.name)
+        if client is None or not node.container_name:
+            continue
+        try:
+            containers.remove_if_present(
+                client, node.container_name, node.spec.name, cluster=state.cluster
+            )
+        except Exception as exc:
+            _log(out, f"warning: {node.spec.name}: could not remove {node.container_name}: {exc}")
+    store.remove()
+
+
+def down(
+    store: StateStore, volumes: bool = False, timeout: float = 15.0, out=sys.stdout
+) -> list[str]:
+    """Remove every container and the local state; returns warnings for nodes left behind."""
+    state = store.load()
+    warnings: list[str] = []
+
+    def remove(node: NodeState):
+        client = connect(node.spec, timeout)
+        try:
+            removed = containers.remove_if_present(
+                client, node.container_name or CONTAINER_NAME, node.spec.name, cluster=state.cluster
+            )
+            if volumes:
+                spec = compose.node_spec(node.flavor, {}, ())
+                for mount in spec.mounts:
+                    if mount.kind == "volume":
+                        try:
+                            client.volumes.get(mount.source).remove(force=True)
+                        except docker.errors.NotFound:
+                            pass
+            return removed
+        finally:
+            client.close()
+
+    results, errors = fan_out(state.nodes, remove, lambda n: n.spec.name)
+    for name, removed in results.items():
+        _log(out, f"[{name}] container {'removed' if removed else 'was already gone'}")
+    for name, exc in errors.items():
+        warnings.append(f"{name}: not cleaned ({exc.one_line()}); its container may remain")
+    store.remove()
+    return warnings

@@ -1,0 +1,171 @@
+"""Inventory: the node list the user typed, resolved through their SSH configuration.
+
+A node is `[user@]host[:port]` or an alias from the SSH config (`Host lab1`), optionally
+followed by `=flavor` to force an image flavor. Nothing here touches the network.
+"""
+
+from __future__ import annotations
+
+import getpass
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import paramiko
+
+from .errors import InventoryError
+
+DEFAULT_SSH_CONFIG = Path("~/.ssh/config")
+DEFAULT_KNOWN_HOSTS = Path("~/.ssh/known_hosts")
+FLAVORS = ("cpu", "cuda", "rocm")
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass(frozen=True)
+class NodeSpec:
+    name: str  # what the user typed (minus user/port/flavor); the key everywhere else
+    host: str  # HostName to dial
+    user: str
+    port: int
+    identity_file: str | None
+    known_hosts: str
+    flavor: str | None = None  # None: chosen from what the host has
+
+    @property
+    def docker_url(self) -> str:
+        return f"ssh://{self.user}@{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Inventory:
+    nodes: tuple[NodeSpec, ...]
+    ssh_config: str | None
+
+    def node(self, name: str) -> NodeSpec:
+        for node in self.nodes:
+            if node.name == name:
+                return node
+        raise InventoryError(f"no node named {name!r} in this cluster")
+
+    @property
+    def master(self) -> NodeSpec:
+        return self.nodes[0]
+
+
+@dataclass(frozen=True)
+class NodeArg:
+    """One NODES word split into its parts, before the SSH config fills the gaps."""
+
+    host: str
+    user: str | None = None
+    port: int | None = None
+    flavor: str | None = None
+
+
+def parse_node_arg(text: str) -> NodeArg:
+    word = text.strip()
+    if not word:
+        raise InventoryError("empty node name")
+    flavor = None
+    if "=" in word:
+        word, flavor = word.rsplit("=", 1)
+        if flavor not in FLAVORS:
+            raise InventoryError(
+                f"unknown flavor {flavor!r}; use one of {', '.join(FLAVORS)}", text
+            )
+    user = None
+    if "@" in word:
+        user, word = word.rsplit("@", 1)
+        if not user:
+            raise InventoryError("empty user before '@'", text)
+    port = None
+    if word.startswith("["):  # [v6::addr]:port
+        end = word.find("]")
+        if end < 0:
+            raise InventoryError("unclosed '[' in IPv6 address", text)
+        host, rest = word[1:end], word[end + 1 :]
+        if rest:
+            if not rest.startswith(":"):
+                raise InventoryError("expected ':port' after ']'", text)
+            port = _port(rest[1:], text)
+    elif word.count(":") == 1:
+        host, port_text = word.split(":")
+        port = _port(port_text, text)
+    elif word.count(":") > 1:
+        host = word  # bare IPv6 address, no port
+    else:
+        host = word
+    if not host or (":" not in host and not _NAME_RE.match(host)):
+        raise InventoryError(f"{host!r} is not a host name or address", text)
+    return NodeArg(host=host, user=user, port=port, flavor=flavor)
+
+
+def _port(text: str, node: str) -> int:
+    if not text.isdigit() or not 0 < int(text) < 65536:
+        raise InventoryError(f"port {text!r} is not a number from 1 to 65535", node)
+    return int(text)
+
+
+def load_ssh_config(path: Path | None) -> paramiko.SSHConfig:
+    config = paramiko.SSHConfig()
+    if path is None:
+        return config
+    path = path.expanduser()
+    if not path.exists():
+        return config
+    try:
+        with path.open() as fh:
+            config.parse(fh)
+    except (OSError, Exception) as exc:  # paramiko raises bare Exceptions for bad syntax
+        raise InventoryError(f"cannot read SSH config {path}: {exc}") from exc
+    return config
+
+
+def resolve(
+    words: list[str],
+    ssh_config: Path | None = None,
+    default_user: str | None = None,
+) -> Inventory:
+    """Turn NODES words into NodeSpecs; the SSH config supplies HostName/User/Port/keys."""
+    if not words:
+        raise InventoryError('no nodes given (NODES="host1 host2 ...")')
+    config_path = ssh_config if ssh_config is not None else DEFAULT_SSH_CONFIG
+    config = load_ssh_config(config_path)
+    nodes: list[NodeSpec] = []
+    for word in words:
+        arg = parse_node_arg(word)
+        entry = config.lookup(arg.host)
+        identities = entry.get("identityfile") or []
+        known = entry.get("userknownhostsfile", str(DEFAULT_KNOWN_HOSTS)).split()[0]
+        try:
+            port = arg.port or int(entry.get("port", 22))
+        except ValueError as exc:
+            raise InventoryError(f"bad Port in SSH config: {entry.get('port')}", arg.host) from exc
+        nodes.append(
+            NodeSpec(
+                name=arg.host,
+                host=entry.get("hostname", arg.host),
+                user=arg.user or entry.get("user") or default_user or getpass.getuser(),
+                port=port,
+                identity_file=str(Path(identities[0]).expanduser()) if identities else None,
+                known_hosts=str(Path(known).expanduser()),
+                flavor=arg.flavor,
+            )
+        )
+    _check_unique(nodes)
+    return Inventory(nodes=tuple(nodes), ssh_config=str(config_path.expanduser()))
+
+
+def _check_unique(nodes: list[NodeSpec]) -> None:
+    seen: dict[tuple[str, int], str] = {}
+    names: set[str] = set()
+    for node in nodes:
+        if node.name in names:
+            raise InventoryError("listed twice", node.name)
+        names.add(node.name)
+        key = (node.host, node.port)
+        if key in seen:
+            raise InventoryError(
+                f"same machine as {seen[key]} ({node.host}:{node.port})", node.name
+            )
+        seen[key] = node.name

@@ -1,0 +1,33 @@
+"""The one version manifest (images/versions.env) shared by every image flavor."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from .errors import ImageError
+
+# Keys every node must agree on; detect reports them under `versions`.
+COMPARED = {"python": "PYTHON_VERSION", "torch": "TORCH_VERSION", "deepspeed": "DEEPSPEED_VERSION"}
+COMPARED["transformers"] = "TRANSFORMERS_VERSION"
+
+
+def images_dir() -> Path:
+    return Path(__file__).resolve().parents[2] / "images"
+
+
+def read_manifest(path: Path | None = None) -> dict[str, str]:
+    path = path or images_dir() / "versions.env"
+    try:
+        lines = path.read_text().splitlines()
+    except OSError as exc:
+        raise ImageError(f"cannot read version manifest {path}: {exc.strerror}") from exc
+    values: dict[str, str] = {}
+    for number, raw in enumerate(lines, 1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, sep, value = line.partition("=")
+        if not sep or not key.strip() or not value.strip():
+            raise ImageError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
+        values[key.strip()] = value.strip()
+    return values

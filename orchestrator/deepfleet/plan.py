@@ -1,0 +1,133 @@
+"""Plan: a pure function from inventory + node reports to the job layout.
+
+No Docker, no network: `plan_cluster` decides which nodes and how many slots, the
+master, the backend and the launcher environment; hostfile.py renders it and the
+executor applies it. Everything here is testable from JSON reports alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from .errors import PlanError
+from .inventory import Inventory
+from .reports import NodeReport
+
+SSH_PORT = 2222
+MASTER_PORT = 29500
+WORKDIR = "/workspace"
+RUN_DIR = "/workspace/.deepfleet"
+HOSTFILE = f"{RUN_DIR}/hostfile"
+COMPARED_VERSIONS = ("python", "torch", "deepspeed", "transformers")
+BACKENDS = {"cuda": "nccl", "rocm": "nccl", "cpu": "gloo"}  # RCCL answers to "nccl" in torch
+
+
+@dataclass(frozen=True)
+class PlannedNode:
+    name: str
+    address: str  # what the other containers dial (host networking: the machine's address)
+    slots: int
+    accelerator: str
+    gpus: int
+
+
+@dataclass(frozen=True)
+class ClusterPlan:
+    nodes: tuple[PlannedNode, ...]
+    master_addr: str
+    master_port: int
+    backend: str
+    env: Mapping[str, str] = field(default_factory=dict)
+    ssh_port: int = SSH_PORT
+
+    @property
+    def master(self) -> PlannedNode:
+        return self.nodes[0]
+
+    @property
+    def world_size(self) -> int:
+        return sum(n.slots for n in self.nodes)
+
+    def name_of(self, address: str) -> str | None:
+        for node in self.nodes:
+            if node.address == address:
+                return node.name
+        return None
+
+
+def _comparable(key: str, value: str | None) -> str | None:
+    if value is None:
+        return None
+    if key == "torch":  # 2.13.0+cpu and 2.13.0+cu128 are the same release
+        return value.split("+")[0]
+    if key == "python":  # patch releases differ between base images without harm
+        return ".".join(value.split(".")[:2])
+    return value
+
+
+def check_versions(reports: Mapping[str, NodeReport]) -> None:
+    """Refuse a cluster whose nodes would run different library versions."""
+    problems = []
+    for key in COMPARED_VERSIONS:
+        seen: dict[str | None, list[str]] = {}
+        for name, report in reports.items():
+            seen.setdefault(_comparable(key, report.versions.get(key)), []).append(name)
+        if len(seen) > 1:
+            parts = [f"{v or 'missing'} on {', '.join(names)}" for v, names in seen.items()]
+            problems.append(f"{key} {' vs '.join(parts)}")
+    if problems:
+        raise PlanError("node versions differ: " + "; ".join(problems))
+
+
+def slots_for(report: NodeReport, cpu_slots: int) -> int:
+    if report.accelerator in ("cuda", "rocm") and report.gpus:
+        return len(report.gpus)
+    return cpu_slots
+
+
+def plan_cluster(
+    inventory: Inventory,
+    reports: Mapping[str, NodeReport],
+    cpu_slots: int = 1,
+    slots: Mapping[str, int] | None = None,
+    master_port: int = MASTER_PORT,
+    extra_env: Mapping[str, str] | None = None,
+) -> ClusterPlan:
+    missing = [n.name for n in inventory.nodes if n.name not in reports]
+    if missing:
+        raise PlanError(f"no detect report from {', '.join(missing)}")
+    check_versions(reports)
+    slots = dict(slots or {})
+    unknown = set(slots) - {n.name for n in inventory.nodes}
+    if unknown:
+        raise PlanError(f"slots given for unknown nodes: {', '.join(sorted(unknown))}")
+    nodes = []
+    for spec in inventory.nodes:
+        report = reports[spec.name]
+        count = slots.get(spec.name, slots_for(report, cpu_slots))
+        if count < 1:
+            raise PlanError(f"needs at least one slot, got {count}", spec.name)
+        nodes.append(PlannedNode(spec.name, spec.host, count, report.accelerator, len(report.gpus)))
+    accelerators = {n.accelerator for n in nodes}
+    if len(accelerators) > 1:
+        kinds = ", ".join(f"{n.name}={n.accelerator}" for n in nodes)
+        raise PlanError(f"nodes mix accelerators ({kinds}); one job needs one backend")
+    accelerator = accelerators.pop()
+    backend = BACKENDS.get(accelerator)
+    if backend is None:
+        raise PlanError(f"no distributed backend for accelerator {accelerator!r}")
+    env = {
+        "PYTHONUNBUFFERED": "1",
+        "DEEPFLEET_BACKEND": backend,
+        "TORCH_EXTENSIONS_DIR": "/opt/deepfleet/torch_extensions",
+        "HF_HOME": "/workspace/hf-cache",
+        **(extra_env or {}),
+    }
+    return ClusterPlan(
+        nodes=tuple(nodes),
+        master_addr=nodes[0].address,
+        master_port=master_port,
+        backend=backend,
+        env=env,
+    )
