@@ -1,0 +1,84 @@
+# deepfleet — see README.md. Every target is a thin wrapper around the `deepfleet` CLI.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+DF := $(VENV)/bin/deepfleet
+FLAVOR ?= cpu
+BASE_IMAGE ?= local
+LAB_NODES ?= 2
+LAB_DIR := .lab
+
+# Without NODES, commands aim at the simulated LAN when it is up.
+ifeq ($(strip $(NODES)),)
+ifneq ($(wildcard $(LAB_DIR)/nodes),)
+NODES := $(shell cat $(LAB_DIR)/nodes)
+SSH_CONFIG ?= $(LAB_DIR)/ssh_config
+COMPOSE_OVERRIDE ?= $(LAB_DIR)/compose.override.yml
+endif
+endif
+UP_ARGS := $(if $(SSH_CONFIG),--ssh-config $(SSH_CONFIG)) \
+           $(if $(COMPOSE_OVERRIDE),--compose-override $(COMPOSE_OVERRIDE)) \
+           $(if $(CPU_SLOTS),--cpu-slots $(CPU_SLOTS)) $(if $(IMAGE),--image $(IMAGE))
+TRAIN_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) \
+              $(if $(CONFIG),--config $(CONFIG)) $(if $(RUN),--run $(RUN)) \
+              $(if $(STEPS),--steps $(STEPS)) $(if $(filter 1,$(RESUME)),--resume)
+INFER_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(RUN),--run $(RUN)) \
+              $(if $(PROMPTS),--prompts $(PROMPTS)) $(if $(OUTPUT),--output $(OUTPUT)) \
+              $(if $(MAX_NEW_TOKENS),--max-new-tokens $(MAX_NEW_TOKENS))
+PROMPT ?= the fleet
+
+.PHONY: setup docker venv images lab-up lab-down up status train infer down demo test \
+        test-unit test-node test-integration lint fmt clean
+
+setup: docker venv
+
+docker:
+	@scripts/ensure-docker.sh
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+images: setup
+	$(DF) build-image --flavor $(FLAVOR) --base-image $(BASE_IMAGE)
+
+lab-up: setup
+	$(VENV)/bin/python docker/lab.py up --nodes $(LAB_NODES) --base-image $(BASE_IMAGE)
+
+lab-down: venv
+	$(VENV)/bin/python docker/lab.py down
+
+up: venv
+	$(DF) up $(UP_ARGS) $(NODES)
+
+status: venv
+	$(DF) status
+
+train: venv
+	$(DF) train $(TRAIN_ARGS)
+
+infer: venv
+	$(DF) infer $(INFER_ARGS) --prompt "$(PROMPT)"
+
+down: venv
+	$(DF) down
+
+demo: setup
+	scripts/demo.sh
+
+test: setup
+	scripts/test.sh
+
+test-unit: venv
+	$(VENV)/bin/pytest -q tests/unit
+
+lint: venv
+	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .
+
+fmt: venv
+	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .
+
+clean: lab-down
+	rm -rf .deepfleet outputs images/context

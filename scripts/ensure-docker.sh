@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Make sure a Docker engine answers. Uses a running one; otherwise installs Debian's
+# docker.io (and debootstrap, used to make local base images) and starts dockerd.
+set -euo pipefail
+if docker info >/dev/null 2>&1; then
+  exit 0
+fi
+need=()
+command -v dockerd >/dev/null || need+=(docker.io)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+if [ "${#need[@]}" -gt 0 ]; then
+  if [ "$(id -u)" != 0 ]; then
+    echo "ensure-docker: no Docker engine answers and installing ${need[*]} needs root" >&2
+    exit 1
+  fi
+  echo "ensure-docker: installing ${need[*]}"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+fi
+if ! docker info >/dev/null 2>&1; then
+  echo "ensure-docker: starting dockerd"
+  mkdir -p /var/log
+  nohup dockerd >/var/log/deepfleet-dockerd.log 2>&1 &
+  for _ in $(seq 1 60); do
+    docker info >/dev/null 2>&1 && break
+    sleep 1
+  done
+fi
+if ! docker info >/dev/null 2>&1; then
+  echo "ensure-docker: dockerd did not start; last lines of its log:" >&2
+  tail -5 /var/log/deepfleet-dockerd.log >&2 || true
+  exit 1
+fi
+command -v debootstrap >/dev/null || {
+  [ "$(id -u)" = 0 ] && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq debootstrap >/dev/null
+} || true

@@ -1,0 +1,96 @@
+import json
+
+import pytest
+from conftest import detect_report
+
+from deepfleet import hostfile, reports
+from deepfleet.errors import PlanError, ReportError
+from deepfleet.inventory import Inventory, NodeSpec
+from deepfleet.plan import check_versions, plan_cluster
+
+
+def node(name, host):
+    return NodeSpec(name, host, "root", 22, None, "/dev/null")
+
+
+def inv(*names):
+    return Inventory(tuple(node(n, f"10.0.0.{i + 1}") for i, n in enumerate(names)), None)
+
+
+def rep(**over):
+    return reports.parse(json.dumps(detect_report(**over)))
+
+
+def gpu(i, name="NVIDIA H100 80GB HBM3"):
+    return {"index": i, "vendor": "nvidia", "name": name, "memory_bytes": 80 << 30}
+
+
+def test_cpu_plan_and_hostfile():
+    plan = plan_cluster(inv("a", "b"), {"a": rep(), "b": rep()}, cpu_slots=2)
+    assert plan.backend == "gloo"
+    assert plan.master_addr == "10.0.0.1" and plan.world_size == 4
+    assert hostfile.render_hostfile(plan) == "10.0.0.1 slots=2\n10.0.0.2 slots=2\n"
+    env = hostfile.render_deepspeed_env(plan.env)
+    assert "DEEPFLEET_BACKEND=gloo\n" in env and env.endswith("\n")
+
+
+def test_gpu_slots_come_from_the_reports_and_overrides_win():
+    reports_ = {
+        "a": rep(accelerator="cuda", gpu_vendor="nvidia", gpus=[gpu(0), gpu(1)]),
+        "b": rep(accelerator="cuda", gpu_vendor="nvidia", gpus=[gpu(0)]),
+    }
+    plan = plan_cluster(inv("a", "b"), reports_)
+    assert [n.slots for n in plan.nodes] == [2, 1] and plan.backend == "nccl"
+    plan = plan_cluster(inv("a", "b"), reports_, slots={"a": 1})
+    assert [n.slots for n in plan.nodes] == [1, 1]
+
+
+def test_mixed_accelerators_are_refused():
+    reports_ = {"a": rep(accelerator="cuda", gpus=[gpu(0)]), "b": rep()}
+    with pytest.raises(PlanError, match="a=cuda, b=cpu"):
+        plan_cluster(inv("a", "b"), reports_)
+
+
+def test_version_mismatch_names_nodes_and_versions():
+    versions = dict(detect_report()["versions"], deepspeed="0.18.0")
+    with pytest.raises(PlanError) as err:
+        check_versions({"a": rep(), "b": rep(), "c": rep(versions=versions)})
+    text = err.value.one_line()
+    assert "deepspeed 0.19.8 on a, b vs 0.18.0 on c" in text
+
+
+def test_flavour_suffixes_and_python_patch_do_not_count_as_mismatch():
+    cuda = dict(detect_report()["versions"], torch="2.13.0+cu128", python="3.11.9")
+    check_versions({"a": rep(), "b": rep(versions=cuda)})
+
+
+def test_missing_report_and_bad_slots():
+    with pytest.raises(PlanError, match="no detect report from b"):
+        plan_cluster(inv("a", "b"), {"a": rep()})
+    with pytest.raises(PlanError, match="unknown nodes: zz"):
+        plan_cluster(inv("a"), {"a": rep()}, slots={"zz": 1})
+    with pytest.raises(PlanError, match="at least one slot"):
+        plan_cluster(inv("a"), {"a": rep()}, slots={"a": 0})
+
+
+def test_env_file_refuses_what_deepspeed_cannot_carry():
+    with pytest.raises(PlanError):
+        hostfile.render_deepspeed_env({"BAD KEY": "1"})
+    with pytest.raises(PlanError):
+        hostfile.render_deepspeed_env({"K": "a\nb"})
+
+
+def test_report_parsing_errors_name_the_node():
+    with pytest.raises(ReportError, match="no JSON") as err:
+        reports.parse("Traceback (most recent call last):", "lab2")
+    assert err.value.one_line().startswith("lab2: ")
+    with pytest.raises(ReportError, match="schema"):
+        reports.parse(json.dumps(detect_report(schema=9)), "lab2")
+    with pytest.raises(ReportError, match="bad field"):
+        reports.parse(json.dumps({k: v for k, v in detect_report().items() if k != "cpu_count"}))
+
+
+def test_report_gpu_summary():
+    r = rep(gpus=[gpu(0), gpu(1), gpu(2, "NVIDIA A100-SXM4-40GB")], accelerator="cuda")
+    assert r.gpu_summary == "2x NVIDIA H100 80GB HBM3, 1x NVIDIA A100-SXM4-40GB"
+    assert rep().gpu_summary == "none"
