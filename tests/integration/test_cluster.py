@@ -1,0 +1,159 @@
+"""The whole path on a 2-machine simulated LAN: up, status, hostfile, train, infer, down.
+
+Tests run in file order on one cluster (building it streams the image to both machines);
+the last test takes the cluster down with one machine unreachable.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+import subprocess
+
+import pytest
+from conftest import DEEPFLEET, ROOT
+
+pytestmark = pytest.mark.lab
+
+STEP_RE = re.compile(r"^\[(\S+)\] step (\d+)/(\d+) loss ([0-9.]+)")
+RUN = "it"
+PROMPTS = ["The lighthouse keeper", "The first boat is", "She writes the weather"]
+
+
+def test_up_reports_both_nodes(cluster):
+    status = json.loads(cluster.run("status", "--json").stdout)
+    nodes = {n["node"]: n for n in status["nodes"]}
+    assert set(nodes) == {"lab1", "lab2"}
+    for node in nodes.values():
+        assert node["state"] == "running"
+        assert node["versions"]["deepspeed"] == "0.19.8"
+        assert node["gpus"] == "none"
+    assert "streamed" in cluster.up_output or "present" in cluster.up_output
+    state = cluster.state()
+    assert all(n["host_key"].startswith("ssh-ed25519 ") for n in state["nodes"])
+
+
+def test_hostfile_lists_both_nodes_and_parses_with_deepspeed(cluster):
+    code, out = cluster.node_exec(
+        0,
+        [
+            "python",
+            "-c",
+            "from deepspeed.launcher.runner import fetch_hostfile;"
+            "print(dict(fetch_hostfile('/workspace/.deepfleet/hostfile')))",
+        ],
+    )
+    assert code == 0, out
+    parsed = ast.literal_eval(out.strip().splitlines()[-1])
+    assert parsed == {n.ip: 1 for n in cluster.lab.nodes}
+
+
+def test_host_keys_are_pinned_not_ignored(cluster):
+    code, out = cluster.node_exec(0, ["cat", "/root/.ssh/config", "/root/.ssh/known_hosts"])
+    assert code == 0
+    assert "StrictHostKeyChecking yes" in out
+    assert "StrictHostKeyChecking no" not in out
+    for node in cluster.lab.nodes:
+        assert f"[{node.ip}]:2222 ssh-ed25519 " in out
+    # the private key reached the master only
+    assert cluster.node_exec(0, ["test", "-f", "/root/.ssh/deepfleet_cluster"])[0] == 0
+    assert cluster.node_exec(1, ["test", "-f", "/root/.ssh/deepfleet_cluster"])[0] != 0
+
+
+def test_two_node_training_lowers_loss(cluster):
+    result = cluster.run(
+        "train", "--run", RUN, "--steps", "40", "--log-every", "5", "--save-every", "20",
+        timeout=1500,
+    )  # fmt: skip
+    lines = result.stdout.splitlines()
+    losses = [float(m.group(4)) for m in map(STEP_RE.match, lines) if m]
+    assert len(losses) >= 4, result.stdout[-3000:]
+    assert losses[-1] < losses[0] * 0.8, losses
+    # both machines ran ranks: the launcher's per-node output is labelled with each name
+    assert any(line.startswith("[lab2] ") for line in lines), result.stdout[-3000:]
+    assert any(line.startswith("[lab1] ") for line in lines)
+
+
+def test_checkpoints_and_export_exist(cluster):
+    run_dir = f"/workspace/checkpoints/{RUN}"
+    code, out = cluster.node_exec(0, ["ls", f"{run_dir}/final"])
+    assert code == 0, out
+    assert "config.json" in out and "model.safetensors" in out and "tokenizer.json" in out
+    for index in (0, 1):  # ZeRO shards live on the node that owns them
+        code, out = cluster.node_exec(index, ["find", f"{run_dir}/checkpoints", "-name", "*.pt"])
+        assert code == 0 and out.strip(), out
+    code, out = cluster.node_exec(0, ["cat", f"{run_dir}/metrics.jsonl"])
+    metrics = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert metrics and metrics[-1]["step"] == 40
+
+
+def test_make_infer_greedy_equals_single_process_generate(cluster, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    output = tmp_path / "out.jsonl"
+    env = cluster.env()
+    result = subprocess.run(
+        ["make", "-s", "infer", f"RUN={RUN}", f"PROMPTS={prompts}", f"OUTPUT={output}",
+         "MAX_NEW_TOKENS=24"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    got = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [r["prompt"] for r in got] == PROMPTS
+
+    # The reference: plain transformers generate, one process, same exported model.
+    model = f"/workspace/checkpoints/{RUN}/final"
+    code, out = cluster.node_exec(
+        0,
+        ["python", "-m", "deepfleet_node.infer", "--reference", "--model", model,
+         "--prompt", *PROMPTS, "--max-new-tokens", "24", "--output", "/tmp/ref.jsonl"],
+    )  # fmt: skip
+    assert code == 0, out
+    code, out = cluster.node_exec(0, ["cat", "/tmp/ref.jsonl"])
+    ref = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert [r["completion"] for r in got] == [r["completion"] for r in ref]
+    assert any(r["completion"].strip() for r in got)
+
+
+def test_second_up_is_refused_while_a_cluster_is_up(cluster):
+    result = cluster.run("up", "--ssh-config", str(cluster.lab.ssh_config), "lab1", check=False)
+    assert result.returncode == 1
+    assert "already up" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_unknown_host_key_is_refused_and_leaves_nothing(cluster, tmp_path):
+    config = tmp_path / "ssh_config"
+    text = cluster.lab.ssh_config.read_text().replace(
+        str(cluster.lab.dir / "known_hosts"), str(tmp_path / "empty_known_hosts")
+    )
+    config.write_text(text)
+    state = tmp_path / "state"
+    result = subprocess.run(
+        [*DEEPFLEET, "--state-dir", str(state), "up", "--ssh-config", str(config), "lab2"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deepfleet: lab2: host key of root@"), err
+    assert "not in" in err[0]
+    assert not state.exists()
+
+
+def test_down_with_an_unreachable_node_names_it(cluster, outer_docker):
+    lab2 = outer_docker.containers.get(cluster.lab.nodes[1].container)
+    lab2.pause()
+    try:
+        result = cluster.run("--timeout", "3", "down", check=False, timeout=120)
+    finally:
+        lab2.unpause()
+    assert result.returncode == 0, result.stderr
+    assert "[lab1] container removed" in result.stdout
+    warning = [line for line in result.stderr.splitlines() if "lab2" in line]
+    assert warning and "not cleaned" in warning[0], result.stderr
+    assert not cluster.state_dir.exists()
+    # lab1 is clean; lab2 kept its container, exactly as the warning said
+    lab1 = outer_docker.containers.get(cluster.lab.nodes[0].container)
+    assert lab1.exec_run(["docker", "ps", "-aq"]).output.strip() == b""
+    assert lab2.exec_run(["docker", "ps", "-aq"]).output.strip() != b""
+    lab2.exec_run(["docker", "rm", "-f", "deepfleet-node"])
