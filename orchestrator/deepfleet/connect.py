@@ -15,10 +15,9 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import TypeVar
 
+import docker
 import paramiko
 from docker.transport.sshconn import SSHConnection, SSHConnectionPool, SSHHTTPAdapter
-
-import docker
 
 from .errors import ConnectError, DeepfleetError
 from .inventory import NodeSpec

@@ -80,10 +80,17 @@ def check_versions(reports: Mapping[str, NodeReport]) -> None:
         raise PlanError("node versions differ: " + "; ".join(problems))
 
 
+ACCELERATOR_VENDOR = {"cuda": "nvidia", "rocm": "amd"}
+
+
+def usable_gpus(report: NodeReport) -> int:
+    """GPUs the image's torch can drive: an iGPU of another vendor does not count."""
+    vendor = ACCELERATOR_VENDOR.get(report.accelerator)
+    return sum(1 for gpu in report.gpus if gpu.vendor == vendor)
+
+
 def slots_for(report: NodeReport, cpu_slots: int) -> int:
-    if report.accelerator in ("cuda", "rocm") and report.gpus:
-        return len(report.gpus)
-    return cpu_slots
+    return usable_gpus(report) or cpu_slots
 
 
 def plan_cluster(
@@ -108,7 +115,9 @@ def plan_cluster(
         count = slots.get(spec.name, slots_for(report, cpu_slots))
         if count < 1:
             raise PlanError(f"needs at least one slot, got {count}", spec.name)
-        nodes.append(PlannedNode(spec.name, spec.host, count, report.accelerator, len(report.gpus)))
+        nodes.append(
+            PlannedNode(spec.name, spec.host, count, report.accelerator, usable_gpus(report))
+        )
     accelerators = {n.accelerator for n in nodes}
     if len(accelerators) > 1:
         kinds = ", ".join(f"{n.name}={n.accelerator}" for n in nodes)

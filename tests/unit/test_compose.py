@@ -50,7 +50,8 @@ def test_override_replaces_ulimit_and_merges_env(tmp_path: Path):
     override = tmp_path / "o.yml"
     override.write_text(
         "services:\n  node:\n    ulimits:\n      memlock: 65536\n"
-        "    environment:\n      - EXTRA=1\n    volumes:\n      - /srv/models:/workspace/models:ro\n"
+        "    environment:\n      - EXTRA=1\n"
+        "    volumes:\n      - /srv/models:/workspace/models:ro\n"
     )
     spec = compose.node_spec("cpu", {}, [override])
     assert ("memlock", 65536, 65536) in spec.ulimits

@@ -94,3 +94,10 @@ def test_report_gpu_summary():
     r = rep(gpus=[gpu(0), gpu(1), gpu(2, "NVIDIA A100-SXM4-40GB")], accelerator="cuda")
     assert r.gpu_summary == "2x NVIDIA H100 80GB HBM3, 1x NVIDIA A100-SXM4-40GB"
     assert rep().gpu_summary == "none"
+
+
+def test_gpus_of_another_vendor_are_not_slots():
+    amd_igpu = {"index": 0, "vendor": "amd", "name": "AMD Radeon Graphics", "memory_bytes": None}
+    r = rep(accelerator="cuda", gpu_vendor="nvidia", gpus=[gpu(0), amd_igpu])
+    plan = plan_cluster(inv("a"), {"a": r})
+    assert plan.nodes[0].slots == 1 and plan.nodes[0].gpus == 1
