@@ -8,7 +8,7 @@ import os
 import sys
 from pathlib import Path
 
-from . import cluster, jobs
+from . import cluster, doctor, jobs
 from .build import BuildRequest, build
 from .errors import DeepfleetError, JobError
 from .inventory import DEFAULT_SSH_CONFIG, resolve
@@ -158,6 +158,31 @@ def cmd_infer(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    import docker
+
+    store = StateStore(args.state_dir)
+    if args.nodes:
+        ssh_config = Path(args.ssh_config) if args.ssh_config else DEFAULT_SSH_CONFIG
+        nodes = list(resolve(_split_nodes(args.nodes), ssh_config).nodes)
+        cluster_up = False
+    else:
+        nodes = list(store.load().inventory.nodes)
+        cluster_up = True
+    try:
+        local = docker.from_env()
+        local.ping()
+    except Exception:
+        local = None
+        print("[local] warn docker: no engine here, images cannot be streamed from this machine")
+    checks = doctor.run(nodes, local, args.image, cluster_up, args.timeout)
+    for check in checks:
+        print(check.line())
+    failed = [c for c in checks if c.level == "FAIL"]
+    print(f"doctor: {len(checks)} checks, {len(failed)} failed")
+    return 1 if failed else 0
+
+
 def cmd_build(args) -> int:
     import docker
 
@@ -185,7 +210,9 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("nodes", nargs="+", help="[user@]host[:port][=flavor] or SSH config alias")
     up.add_argument("--ssh-config", default=os.environ.get("DEEPFLEET_SSH_CONFIG"))
     up.add_argument("--image", default=None, help="node image (default deepfleet/<flavor>:latest)")
-    up.add_argument("--flavor", default="cpu", choices=("cpu", "cuda", "rocm"))
+    up.add_argument(
+        "--flavor", default=None, choices=("cpu", "cuda", "rocm"), help="default: per machine"
+    )
     up.add_argument("--compose-override", action="append", default=[], metavar="FILE")
     up.add_argument("--cpu-slots", type=int, default=1, help="processes per CPU-only node")
     up.add_argument("--slots", action="append", default=[], metavar="NODE=N")
@@ -232,6 +259,12 @@ def parser() -> argparse.ArgumentParser:
     )
     inf.add_argument("extra", nargs="*", help="passed to infer.py after --")
     inf.set_defaults(func=cmd_infer)
+
+    dr = sub.add_parser("doctor", help="check the machines and say how to fix what is wrong")
+    dr.add_argument("nodes", nargs="*", help="default: the nodes of the cluster that is up")
+    dr.add_argument("--ssh-config", default=os.environ.get("DEEPFLEET_SSH_CONFIG"))
+    dr.add_argument("--image", default=None)
+    dr.set_defaults(func=cmd_doctor)
 
     bd = sub.add_parser("build-image", help="build a node image from images/")
     bd.add_argument("--flavor", default="cpu", choices=("cpu", "cuda", "rocm"))

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import docker
 
-from . import compose, containers, hostfile, images, keys, reports, transfer
-from .connect import connect, fan_out
-from .errors import DeepfleetError, PlanError
+from . import compose, containers, hostfile, hostprobe, images, keys, reports, transfer
+from .connect import connect, fan_out, run_host
+from .errors import ContainerError, DeepfleetError, PlanError
 from .inventory import Inventory, NodeSpec
 from .plan import RUN_DIR, ClusterPlan, plan_cluster
 from .state import ClusterState, NodeState, StateStore
@@ -47,7 +47,7 @@ def _raise_if(errors: dict[str, DeepfleetError]) -> None:
 @dataclass
 class UpOptions:
     image: str | None = None  # default: deepfleet/<flavor>:latest
-    default_flavor: str = "cpu"
+    default_flavor: str | None = None  # None: each node's from what the machine has
     compose_overrides: list[Path] = field(default_factory=list)
     cpu_slots: int = 1
     slots: dict[str, int] = field(default_factory=dict)
@@ -55,13 +55,12 @@ class UpOptions:
     timeout: float = 15.0
 
 
-def image_for(node: NodeSpec, opts: UpOptions) -> tuple[str, str]:
-    flavor = node.flavor or opts.default_flavor
-    return flavor, opts.image or f"deepfleet/{flavor}:latest"
+def image_for(flavor: str, opts: UpOptions) -> str:
+    return opts.image or f"deepfleet/{flavor}:latest"
 
 
-def container_spec(node: NodeSpec, cluster: str, pubkey: str, opts: UpOptions):
-    flavor, image = image_for(node, opts)
+def container_spec(node: NodeSpec, flavor: str, cluster: str, pubkey: str, opts: UpOptions):
+    image = image_for(flavor, opts)
     env = {
         "DEEPFLEET_IMAGE": image,
         "DEEPFLEET_CONTAINER": CONTAINER_NAME,
@@ -75,7 +74,8 @@ def container_spec(node: NodeSpec, cluster: str, pubkey: str, opts: UpOptions):
 def dry_run(inventory: Inventory, opts: UpOptions) -> str:
     lines = []
     for node in inventory.nodes:
-        spec = container_spec(node, "<new>", "<cluster key>", opts)
+        flavor = node.flavor or opts.default_flavor or "cpu"
+        spec = container_spec(node, flavor, "<new>", "<cluster key>", opts)
         lines.append(f"{node.name}: {node.docker_url} image={spec.image}")
         lines.append(f"  container {spec.name}: network={spec.network_mode} ipc={spec.ipc_mode}")
         for m in spec.mounts:
@@ -153,7 +153,7 @@ def up(inventory: Inventory, store: StateStore, opts: UpOptions, out=sys.stdout)
     state = ClusterState(
         cluster=cluster,
         image=opts.image or "",
-        nodes=[NodeState(spec=n, flavor=image_for(n, opts)[0]) for n in inventory.nodes],
+        nodes=[NodeState(spec=n, flavor="") for n in inventory.nodes],
         ssh_config=inventory.ssh_config,
         cpu_slots=opts.cpu_slots,
         slots=dict(opts.slots),
@@ -166,6 +166,7 @@ def up(inventory: Inventory, store: StateStore, opts: UpOptions, out=sys.stdout)
             inventory.nodes, lambda n: connect(n, opts.timeout), lambda n: n.name
         )
         _raise_if(errors)
+        _choose_flavors(state, clients, opts, out)
         _put_images(state, clients, opts, out)
         _start_containers(state, clients, key.public_openssh, opts, store, out)
         plan = _collect_reports(state, clients, store)
@@ -184,13 +185,32 @@ def up(inventory: Inventory, store: StateStore, opts: UpOptions, out=sys.stdout)
             client.close()
 
 
+def _choose_flavors(state: ClusterState, clients: dict, opts: UpOptions, out) -> None:
+    """Each node's flavor from its machine's devices, unless the user named one."""
+
+    def choose(node: NodeState):
+        name = node.spec.name
+        facts = hostprobe.probe(clients[name], name, run_host)
+        flavor = hostprobe.choose_flavor(facts, node.spec.flavor or opts.default_flavor)
+        found = hostprobe.problems(facts, flavor)
+        if found:
+            raise ContainerError("; ".join(found), name)
+        return flavor
+
+    results, errors = fan_out(state.nodes, choose, lambda n: n.spec.name)
+    _raise_if(errors)
+    for node in state.nodes:
+        node.flavor = results[node.spec.name]
+        _log(out, f"[{node.spec.name}] flavor {node.flavor}")
+
+
 def _put_images(state: ClusterState, clients: dict, opts: UpOptions, out) -> None:
     local = docker.from_env(timeout=600)
     try:
         by_name = {n.spec.name: n for n in state.nodes}
 
         def put(node: NodeState):
-            _, ref = image_for(node.spec, opts)
+            ref = image_for(node.flavor, opts)
             return images.ensure_image(
                 local, clients[node.spec.name], ref, node.spec.name, opts.pull
             )
@@ -207,7 +227,7 @@ def _put_images(state: ClusterState, clients: dict, opts: UpOptions, out) -> Non
 def _start_containers(state, clients, pubkey, opts, store, out) -> None:
     def start(node: NodeState):
         client = clients[node.spec.name]
-        spec = container_spec(node.spec, state.cluster, pubkey, opts)
+        spec = container_spec(node.spec, node.flavor, state.cluster, pubkey, opts)
         containers.remove_if_present(client, spec.name, node.spec.name, cluster=state.cluster)
         container = containers.create_and_start(client, spec, node.spec.name)
         node.container_id, node.container_name = container.id, spec.name

@@ -114,6 +114,16 @@ class PinnedSSHAdapter(SSHHTTPAdapter):
             self._clients.append(client)
             return client.get_transport().open_session(timeout=self._connect_timeout)
 
+    def run_host(self, command: str, timeout: float) -> tuple[int, str, str]:
+        """Run a shell command on the node itself (not in a container) over SSH."""
+        with self._lock:
+            client = self._clients[-1] if self._clients else self._new_client()
+        stdin, stdout, stderr = client.exec_command(command, timeout=timeout)
+        stdin.close()
+        out, err = stdout.read(), stderr.read()
+        code = stdout.channel.recv_exit_status()
+        return code, out.decode(errors="replace"), err.decode(errors="replace")
+
     def get_connection(self, url, proxies=None):
         with self.pools.lock:
             pool = self.pools.get(url)
@@ -177,6 +187,11 @@ def connect(node: NodeSpec, timeout: float = 15.0) -> docker.DockerClient:
     client = docker.DockerClient.__new__(docker.DockerClient)
     client.api = api
     return client
+
+
+def run_host(client: docker.DockerClient, command: str, timeout: float = 20.0):
+    """(exit code, stdout, stderr) of a shell command on the node's host."""
+    return client.api._custom_adapter.run_host(command, timeout)
 
 
 def _vkey(v: str) -> tuple[int, ...]:

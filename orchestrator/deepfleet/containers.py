@@ -9,6 +9,7 @@ from docker.types import DeviceRequest, Mount, Ulimit
 
 from .compose import ContainerSpec
 from .errors import ContainerError
+from .hostprobe import explain_start_error
 
 CLUSTER_LABEL = "deepfleet.cluster"
 HOST_KEY = "/etc/ssh/ssh_host_ed25519_key.pub"
@@ -83,7 +84,8 @@ def create_and_start(client, spec: ContainerSpec, node: str):
         container.start()
     except APIError as exc:
         container.remove(force=True)
-        raise ContainerError(f"cannot start {spec.name}: {exc.explanation or exc}", node) from exc
+        cause = explain_start_error(str(exc.explanation or exc))
+        raise ContainerError(f"cannot start {spec.name}: {cause}", node) from exc
     return container
 
 

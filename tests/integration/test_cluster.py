@@ -34,6 +34,14 @@ def test_up_reports_both_nodes(cluster):
     assert all(n["host_key"].startswith("ssh-ed25519 ") for n in state["nodes"])
 
 
+def test_doctor_passes_on_the_running_cluster(cluster):
+    result = cluster.run("doctor")
+    assert "0 failed" in result.stdout
+    for node in ("lab1", "lab2"):
+        assert f"[{node}] ok   gpus: none; flavor cpu" in result.stdout
+        assert f"[{node}] ok   image: deepfleet/cpu:latest present" in result.stdout
+
+
 def test_hostfile_lists_both_nodes_and_parses_with_deepspeed(cluster):
     code, out = cluster.node_exec(
         0,

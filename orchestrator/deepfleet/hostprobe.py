@@ -1,0 +1,137 @@
+"""Host probe: what a node machine has (GPU devices, container toolkits), before any
+container exists, so the image flavor and GPU passthrough can be chosen per node.
+
+The facts come from the Docker engine's info and one small shell probe over the node's
+SSH connection; `choose_flavor` and `problems` are pure and tested on recorded facts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .errors import ContainerError
+
+# POSIX sh, read-only, no sudo: device nodes and tools on the host.
+PROBE = r"""
+for d in /dev/kfd /dev/nvidiactl; do [ -e "$d" ] && echo "dev=$d"; done
+for d in /dev/nvidia[0-9]* /dev/dri/renderD*; do [ -e "$d" ] && echo "dev=$d"; done
+for t in nvidia-smi nvidia-ctk nvidia-container-cli nvidia-container-runtime-hook \
+    rocm-smi amd-smi; do
+  command -v "$t" >/dev/null 2>&1 && echo "tool=$t"
+done
+echo "arch=$(uname -m)"
+true
+"""
+
+
+@dataclass(frozen=True)
+class HostFacts:
+    devices: frozenset[str] = field(default_factory=frozenset)
+    tools: frozenset[str] = field(default_factory=frozenset)
+    arch: str = ""
+    runtimes: frozenset[str] = field(default_factory=frozenset)
+    default_runtime: str = ""
+    cdi_spec_dirs: tuple[str, ...] = ()
+    docker_version: str = ""
+
+    @property
+    def nvidia_gpus(self) -> int:
+        return sum(1 for d in self.devices if d.startswith("/dev/nvidia") and d[11:].isdigit())
+
+    @property
+    def has_amd(self) -> bool:
+        return "/dev/kfd" in self.devices
+
+    @property
+    def nvidia_toolkit(self) -> bool:
+        """Docker can honour `--gpus` here: a registered runtime or the toolkit's hook."""
+        return "nvidia" in self.runtimes or bool(
+            self.tools & {"nvidia-container-runtime-hook", "nvidia-container-cli", "nvidia-ctk"}
+        )
+
+
+def parse_probe(text: str, info: dict) -> HostFacts:
+    devices, tools, arch = set(), set(), ""
+    for line in text.splitlines():
+        key, _, value = line.strip().partition("=")
+        if key == "dev":
+            devices.add(value)
+        elif key == "tool":
+            tools.add(value)
+        elif key == "arch":
+            arch = value
+    return HostFacts(
+        devices=frozenset(devices),
+        tools=frozenset(tools),
+        arch=arch,
+        runtimes=frozenset((info.get("Runtimes") or {}).keys()),
+        default_runtime=str(info.get("DefaultRuntime") or ""),
+        cdi_spec_dirs=tuple(info.get("CDISpecDirs") or ()),
+        docker_version=str(info.get("ServerVersion") or ""),
+    )
+
+
+def choose_flavor(facts: HostFacts, override: str | None = None) -> str:
+    """The image flavor for a machine: the user's choice, else what its devices say."""
+    if override:
+        return override
+    if facts.nvidia_gpus:
+        return "cuda"
+    if facts.has_amd:
+        return "rocm"
+    return "cpu"
+
+
+def problems(facts: HostFacts, flavor: str) -> list[str]:
+    """What stops a container of this flavor from seeing the machine's GPUs."""
+    found = []
+    if flavor == "cuda":
+        if not facts.nvidia_gpus:
+            found.append("flavor cuda asked for, but the machine shows no /dev/nvidia* GPU")
+        if not facts.nvidia_toolkit:
+            found.append(
+                "NVIDIA GPUs need the NVIDIA container toolkit on the host "
+                "(install nvidia-container-toolkit, then `nvidia-ctk runtime configure "
+                "--runtime=docker` and restart docker)"
+            )
+    if flavor == "rocm":
+        if not facts.has_amd:
+            found.append("flavor rocm asked for, but the machine has no /dev/kfd (amdgpu driver)")
+        if not any(d.startswith("/dev/dri/renderD") for d in facts.devices):
+            found.append("no /dev/dri/renderD* render node: ROCm cannot reach the GPU")
+    if facts.arch and facts.arch not in ("x86_64", "amd64") and flavor != "cpu":
+        found.append(f"{flavor} images are built for x86_64, this machine is {facts.arch}")
+    return found
+
+
+def probe(client, node: str, run_host) -> HostFacts:
+    try:
+        info = client.info()
+        code, out, err = run_host(client, PROBE)
+    except Exception as exc:
+        raise ContainerError(f"cannot inspect the machine: {exc}", node) from exc
+    if code != 0:
+        raise ContainerError(f"host probe failed: {err.strip()[:200]}", node)
+    return parse_probe(out, info)
+
+
+# Docker's own words when --gpus has no toolkit behind it, old and new.
+_NO_TOOLKIT = (
+    'could not select device driver "" with capabilities: [[gpu]]',
+    "unknown runtime specified nvidia",
+)
+
+
+def explain_start_error(message: str) -> str:
+    """Turn Docker's GPU passthrough errors into what to do about them."""
+    lowered = message.lower()
+    if any(marker.lower() in lowered for marker in _NO_TOOLKIT):
+        return (
+            "Docker cannot pass NVIDIA GPUs through: the NVIDIA container toolkit is missing "
+            f"or not registered with Docker ({message.strip().splitlines()[-1][:160]})"
+        )
+    if "/dev/kfd" in message and ("no such file" in lowered or "error gathering device" in lowered):
+        return (
+            f"the machine has no /dev/kfd: is the amdgpu driver loaded? ({message.strip()[:160]})"
+        )
+    return message

@@ -1,0 +1,97 @@
+from pathlib import Path
+
+import pytest
+
+from deepfleet import hostprobe
+from deepfleet.doctor import _ports_in_use
+
+SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "gpu-tool-outputs" / "other"
+
+NVIDIA_HOST = """dev=/dev/nvidiactl
+dev=/dev/nvidia0
+dev=/dev/nvidia1
+tool=nvidia-smi
+tool=nvidia-ctk
+arch=x86_64
+"""
+AMD_HOST = (
+    "dev=/dev/kfd\ndev=/dev/dri/renderD128\ndev=/dev/dri/renderD129\ntool=rocm-smi\narch=x86_64\n"
+)
+INFO_NVIDIA = {
+    "Runtimes": {"runc": {}, "nvidia": {}},
+    "DefaultRuntime": "runc",
+    "ServerVersion": "28.0",
+}
+INFO_PLAIN = {"Runtimes": {"runc": {}, "io.containerd.runc.v2": {}}, "DefaultRuntime": "runc"}
+
+
+def test_nvidia_machine_gets_cuda():
+    facts = hostprobe.parse_probe(NVIDIA_HOST, INFO_NVIDIA)
+    assert facts.nvidia_gpus == 2 and facts.nvidia_toolkit
+    assert hostprobe.choose_flavor(facts) == "cuda"
+    assert hostprobe.problems(facts, "cuda") == []
+
+
+def test_nvidia_without_toolkit_is_a_problem_with_the_fix():
+    facts = hostprobe.parse_probe("dev=/dev/nvidia0\ntool=nvidia-smi\narch=x86_64\n", INFO_PLAIN)
+    assert hostprobe.choose_flavor(facts) == "cuda"
+    (problem,) = hostprobe.problems(facts, "cuda")
+    assert "NVIDIA container toolkit" in problem and "nvidia-ctk runtime configure" in problem
+
+
+def test_amd_machine_gets_rocm_and_needs_render_nodes():
+    facts = hostprobe.parse_probe(AMD_HOST, INFO_PLAIN)
+    assert hostprobe.choose_flavor(facts) == "rocm"
+    assert hostprobe.problems(facts, "rocm") == []
+    no_render = hostprobe.parse_probe("dev=/dev/kfd\narch=x86_64\n", INFO_PLAIN)
+    assert "renderD" in hostprobe.problems(no_render, "rocm")[0]
+
+
+def test_cpu_machine_and_overrides():
+    facts = hostprobe.parse_probe("arch=x86_64\n", INFO_PLAIN)
+    assert hostprobe.choose_flavor(facts) == "cpu"
+    assert hostprobe.problems(facts, "cpu") == []
+    assert hostprobe.choose_flavor(facts, "cuda") == "cuda"
+    assert "no /dev/nvidia" in hostprobe.problems(facts, "cuda")[0]
+    assert "no /dev/kfd" in hostprobe.problems(facts, "rocm")[0]
+    arm = hostprobe.parse_probe("dev=/dev/nvidia0\narch=aarch64\n", INFO_NVIDIA)
+    assert any("aarch64" in p for p in hostprobe.problems(arm, "cuda"))
+
+
+def test_the_probe_script_runs_here():
+    import subprocess
+
+    out = subprocess.run(["sh", "-c", hostprobe.PROBE], capture_output=True, text=True, check=True)
+    facts = hostprobe.parse_probe(out.stdout, {})
+    assert facts.arch  # uname -m answered
+    assert hostprobe.choose_flavor(facts) in ("cpu", "cuda", "rocm")
+
+
+def test_docker_gpu_errors_become_advice():
+    own = 'Error response from daemon: could not select device driver "" with capabilities: [[gpu]]'
+    assert "NVIDIA container toolkit" in hostprobe.explain_start_error(own)
+    assert hostprobe.explain_start_error("port is already allocated") == "port is already allocated"
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "docker-error-could-not-select-device-driver.txt",
+        "docker-error-unknown-runtime-specified-nvidia-legacy.txt",
+    ],
+)
+def test_recorded_docker_gpu_errors(name):
+    path = SHARED / name
+    if not path.exists():
+        pytest.skip(f"{SHARED} is absent (shared recordings not laid out here)")
+    text = path.read_text()
+    assert "NVIDIA container toolkit" in hostprobe.explain_start_error(text)
+
+
+def test_ports_in_use_from_ss():
+    ss = (
+        "LISTEN 0      128          0.0.0.0:2222       0.0.0.0:*\n"
+        "LISTEN 0      4096            [::]:29500         [::]:*\n"
+        "LISTEN 0      128        127.0.0.1:631        0.0.0.0:*\n"
+    )
+    assert _ports_in_use(ss) == {2222, 29500, 631}
