@@ -25,7 +25,7 @@ TRAIN_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) \
 INFER_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(RUN),--run $(RUN)) \
               $(if $(PROMPTS),--prompts $(PROMPTS)) $(if $(OUTPUT),--output $(OUTPUT)) \
               $(if $(MAX_NEW_TOKENS),--max-new-tokens $(MAX_NEW_TOKENS))
-PROMPT ?= the fleet
+PROMPT ?= The lighthouse keeper
 
 .PHONY: setup docker venv images lab-up lab-down up status train infer down demo test \
         test-unit test-node test-integration lint fmt clean
@@ -60,7 +60,7 @@ train: venv
 	$(DF) train $(TRAIN_ARGS)
 
 infer: venv
-	$(DF) infer $(INFER_ARGS) --prompt "$(PROMPT)"
+	$(DF) infer $(INFER_ARGS) $(if $(PROMPTS),,--prompt "$(PROMPT)")
 
 down: venv
 	$(DF) down

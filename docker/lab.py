@@ -19,9 +19,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from docker.errors import APIError, NotFound
-
 import docker
+from docker.errors import APIError, NotFound
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL = "deepfleet.lab"

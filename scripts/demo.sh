@@ -25,7 +25,7 @@ make -s up
 step "deepfleet train (tiny Llama-style model, ZeRO-2, gloo, both machines)"
 make -s train
 step "deepfleet infer (greedy, with the exported model)"
-make -s infer PROMPT="${DEMO_PROMPT:-The fleet}"
+make -s infer PROMPT="${DEMO_PROMPT:-The lighthouse keeper}"
 step "deepfleet down"
 make -s down
 make -s lab-down
