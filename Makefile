@@ -21,13 +21,16 @@ UP_ARGS := $(if $(SSH_CONFIG),--ssh-config $(SSH_CONFIG)) \
            $(if $(CPU_SLOTS),--cpu-slots $(CPU_SLOTS)) $(if $(IMAGE),--image $(IMAGE))
 TRAIN_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) \
               $(if $(CONFIG),--config $(CONFIG)) $(if $(RUN),--run $(RUN)) \
-              $(if $(STEPS),--steps $(STEPS)) $(if $(filter 1,$(RESUME)),--resume)
+              $(if $(STEPS),--steps $(STEPS)) $(if $(EPOCHS),--epochs $(EPOCHS)) \
+              $(if $(SLOTS),--slots "$(SLOTS)") $(if $(SAVE_EVERY),--save-every $(SAVE_EVERY)) \
+              $(if $(filter 1,$(RESUME)),--resume)
 INFER_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(RUN),--run $(RUN)) \
               $(if $(PROMPTS),--prompts $(PROMPTS)) $(if $(OUTPUT),--output $(OUTPUT)) \
               $(if $(MAX_NEW_TOKENS),--max-new-tokens $(MAX_NEW_TOKENS))
 PROMPT ?= The lighthouse keeper
 
-.PHONY: setup docker venv images lab-up lab-down up status train infer down demo test \
+.PHONY: setup docker venv images lab-up lab-down up status train infer down doctor fetch-model \
+        demo test \
         test-unit test-node test-integration lint fmt clean
 
 setup: docker venv
@@ -64,6 +67,12 @@ infer: venv
 
 down: venv
 	$(DF) down
+
+doctor: venv
+	$(DF) doctor $(if $(SSH_CONFIG),--ssh-config $(SSH_CONFIG)) $(NODES)
+
+fetch-model: venv
+	$(DF) fetch-model $(if $(RUN),--run $(RUN)) $(if $(DEST),--dest $(DEST))
 
 demo: setup
 	scripts/demo.sh

@@ -13,11 +13,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .errors import ImageError
-from .manifest import images_dir, read_manifest
+from .manifest import images_dir, read_manifest, torch_index
 
 FLAVORS = ("cpu", "cuda", "rocm")
 # BASE_IMAGE=local makes this Debian base with debootstrap where no registry is reachable.
+# Only the cpu image can use it: the GPU images need their vendor's toolchain, so for them
+# "local" means the public base their Dockerfile names from the manifest.
 LOCAL_BASE = "deepfleet/base:bookworm"
+# The local version label of the torch wheels built for each flavor (torch-X+cu126-...).
+TORCH_LABELS = {"cpu": "cpu", "cuda": "cu", "rocm": "rocm"}
 DEFAULT_CA_DIR = Path("/usr/local/share/ca-certificates")
 
 
@@ -39,15 +43,33 @@ class BuildRequest:
         return self.tag or image_tag(self.flavor)
 
     def resolved_base(self) -> str:
-        return LOCAL_BASE if self.base_image == "local" else self.base_image
+        """The BASE_IMAGE build arg; empty leaves the Dockerfile's own default."""
+        if self.base_image != "local":
+            return self.base_image
+        return LOCAL_BASE if self.flavor == "cpu" else ""
+
+    def resolved_torch_index(self, manifest: dict[str, str]) -> str:
+        if self.torch_index_url:
+            return self.torch_index_url
+        # cpu: the local wheelhouse, then PyPI (TORCH_INDEX_CPU only when asked for).
+        return "" if self.flavor == "cpu" else torch_index(manifest, self.flavor)
 
 
 def build_args(req: BuildRequest, manifest: dict[str, str]) -> dict[str, str]:
     args = dict(manifest)
-    args["BASE_IMAGE"] = req.resolved_base()
-    args["TORCH_INDEX_URL"] = req.torch_index_url
+    base = req.resolved_base()
+    if base:
+        args["BASE_IMAGE"] = base
+    args["TORCH_INDEX_URL"] = req.resolved_torch_index(manifest)
     args.update(req.extra_args)
     return args
+
+
+def wheel_fits(wheel: Path, flavor: str) -> bool:
+    """False for a torch wheel built for another flavor (a cpu wheelhouse in a GPU build)."""
+    name, _, rest = wheel.name.partition("-")
+    _, plus, label = rest.split("-", 1)[0].partition("+")
+    return name != "torch" or not plus or label.startswith(TORCH_LABELS[flavor])
 
 
 def stage_context(req: BuildRequest, root: Path) -> Path:
@@ -61,6 +83,8 @@ def stage_context(req: BuildRequest, root: Path) -> Path:
             shutil.copy2(cert, context / "ca-certificates" / cert.name)
     if req.wheelhouse and req.wheelhouse.is_dir():
         for wheel in sorted(req.wheelhouse.glob("*.whl")):
+            if not wheel_fits(wheel, req.flavor):
+                continue
             # hard links keep a multi-GB wheelhouse from being copied on every build
             target = context / "wheels" / wheel.name
             try:
@@ -84,7 +108,7 @@ def build(client, req: BuildRequest, out=sys.stdout) -> str:
     dockerfile = root / f"Dockerfile.{req.flavor}"
     if not dockerfile.is_file():
         raise ImageError(f"{dockerfile} is missing")
-    if req.base_image == "local":
+    if req.resolved_base() == LOCAL_BASE:
         ensure_local_base(root)
     stage_context(req, root)
     args = build_args(req, read_manifest(root / "versions.env"))

@@ -114,8 +114,20 @@ def _train_request(args) -> jobs.TrainRequest:
         log_every=args.log_every,
         save_every=args.save_every,
         resume=args.resume,
+        epochs=args.epochs,
+        global_batch=args.global_batch,
+        slots=_slots(args.slots),
         extra=args.extra,
     )
+
+
+def cmd_fetch_model(args) -> int:
+    session = cluster.open_session(StateStore(args.state_dir), args.timeout)
+    try:
+        jobs.fetch_model(session, args.run, Path(args.dest or f"models/{args.run}"))
+    finally:
+        session.close()
+    return 0
 
 
 def cmd_train(args) -> int:
@@ -234,6 +246,15 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--config", default="zero2", help="zero1|zero2|zero3|zero3-offload or a path")
     tr.add_argument("--run", default="demo", help="run name: checkpoints/<run> on every node")
     tr.add_argument("--steps", type=int, default=60)
+    tr.add_argument("--epochs", type=float, default=None, help="instead of --steps")
+    tr.add_argument("--global-batch", type=int, default=None, help="sets gradient accumulation")
+    tr.add_argument(
+        "--slots",
+        action="append",
+        default=[],
+        metavar="NODE=N",
+        help="processes on a node for this job (default: its GPUs, or --cpu-slots)",
+    )
     tr.add_argument("--seq-len", type=int, default=64)
     tr.add_argument("--micro-batch", type=int, default=4)
     tr.add_argument("--lr", type=float, default=3e-3)
@@ -265,6 +286,11 @@ def parser() -> argparse.ArgumentParser:
     dr.add_argument("--ssh-config", default=os.environ.get("DEEPFLEET_SSH_CONFIG"))
     dr.add_argument("--image", default=None)
     dr.set_defaults(func=cmd_doctor)
+
+    fm = sub.add_parser("fetch-model", help="copy a run's HF export to this machine")
+    fm.add_argument("--run", default="demo")
+    fm.add_argument("--dest", default="", help="default models/<run>")
+    fm.set_defaults(func=cmd_fetch_model)
 
     bd = sub.add_parser("build-image", help="build a node image from images/")
     bd.add_argument("--flavor", default="cpu", choices=("cpu", "cuda", "rocm"))

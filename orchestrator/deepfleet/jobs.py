@@ -6,17 +6,25 @@ Deciding (paths, launcher argv) is separate from doing (copying inputs, running)
 
 from __future__ import annotations
 
+import io
 import json
+import os
 import sys
+import tarfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import launch, transfer
+from . import hostfile, launch, transfer
 from .cluster import Session
 from .connect import fan_out
 from .containers import exec_text
 from .errors import DeepfleetError, JobError
+from .plan import RUN_DIR, ClusterPlan
+
+# Passed to the nodes' download step through the exec environment only: never in a file,
+# an image, the launcher's command line or its logs.
+SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 MODELS = "/workspace/models"
 DATA = "/workspace/data"
@@ -39,6 +47,9 @@ class TrainRequest:
     log_every: int = 5
     save_every: int = 0
     resume: bool = False
+    epochs: float | None = None
+    global_batch: int | None = None
+    slots: dict[str, int] = field(default_factory=dict)
     extra: list[str] = field(default_factory=list)
 
 
@@ -73,7 +84,7 @@ def train_args(req: TrainRequest, model_path: str, data_path: str) -> list[str]:
         "--data", data_path,
         "--deepspeed-config", req.config,
         "--output", run_dir(req.run),
-        "--steps", str(req.steps),
+        *(["--epochs", str(req.epochs)] if req.epochs else ["--steps", str(req.steps)]),
         "--seq-len", str(req.seq_len),
         "--micro-batch", str(req.micro_batch),
         "--lr", str(req.lr),
@@ -81,6 +92,8 @@ def train_args(req: TrainRequest, model_path: str, data_path: str) -> list[str]:
     ]  # fmt: skip
     if req.save_every:
         args += ["--save-every", str(req.save_every)]
+    if req.global_batch:
+        args += ["--global-batch", str(req.global_batch)]
     if req.resume:
         args.append("--resume")
     return args + list(req.extra)
@@ -155,12 +168,46 @@ def _ensure_demo_assets(session: Session, out) -> None:
     _replicate_from_master(session, DEMO_DATA, out)
 
 
-def prepare_train(session: Session, req: TrainRequest, out) -> tuple[str, str]:
+def secrets_from(environ) -> dict[str, str]:
+    return {k: environ[k] for k in SECRET_ENV if environ.get(k)}
+
+
+def prefetch_hub_model(session: Session, model: str, secrets: dict[str, str], out) -> None:
+    """Download a hub model into every node's HF cache before the job starts.
+
+    Ranks then load it with HF_HUB_OFFLINE=1, so the token never has to reach them.
+    """
+    script = (
+        "import sys; from huggingface_hub import snapshot_download; "
+        "print(snapshot_download(sys.argv[1], allow_patterns=['*.json', '*.safetensors', "
+        "'*.model', '*.txt', '*.py', 'tokenizer*']))"
+    )
+
+    def fetch(node):
+        name = node.spec.name
+        exec_text(session.container(name), ["python", "-c", script, model], name, env=secrets)
+        return True
+
+    _, errors = fan_out(session.state.nodes, fetch, lambda n: n.spec.name)
+    if errors:
+        raise next(iter(errors.values()))
+    out.write(f"deepfleet: {model} is in every node's HF cache\n")
+
+
+def resolve_model(session: Session, model: str, out, secrets: dict[str, str]) -> str:
+    """A model argument as the ranks will see it: local dirs copied, hub names cached."""
+    if is_local(model):
+        return _push_everywhere(session, model, MODELS, out)
+    prefetch_hub_model(session, model, secrets, out)
+    return model
+
+
+def prepare_train(session: Session, req: TrainRequest, out, secrets=None) -> tuple[str, str]:
     if req.model == DEMO or req.data == DEMO:
         _ensure_demo_assets(session, out)
-    model = DEMO_MODEL if req.model == DEMO else req.model
-    if req.model != DEMO and is_local(req.model):
-        model = _push_everywhere(session, req.model, MODELS, out)
+    model = DEMO_MODEL
+    if req.model != DEMO:
+        model = resolve_model(session, req.model, out, secrets or {})
     data = f"{DEMO_DATA}/train.txt" if req.data == DEMO else req.data
     if req.data != DEMO:
         if not is_local(req.data):
@@ -169,15 +216,40 @@ def prepare_train(session: Session, req: TrainRequest, out) -> tuple[str, str]:
     return model, data
 
 
-def _run_launcher(session: Session, module: str, args: list[str], out) -> list[str]:
-    plan = session.plan()
+def write_launch_files(session: Session, plan: ClusterPlan) -> None:
+    """The master's hostfile and .deepspeed_env for this launch (slots may differ per job)."""
+    master = session.master
+    env = {**plan.env, "HF_HUB_OFFLINE": "1"}
+    transfer.put_files(
+        session.container(master),
+        RUN_DIR,
+        {"hostfile": (hostfile.render_hostfile(plan).encode(), 0o644)},
+        master,
+    )
+    transfer.put_files(
+        session.container(master),
+        "/root",
+        {".deepspeed_env": (hostfile.render_deepspeed_env(env).encode(), 0o644)},
+        master,
+    )
+
+
+def _run_launcher(
+    session: Session, module: str, args: list[str], out, slots: dict | None = None,
+    secrets: dict | None = None,
+) -> list[str]:  # fmt: skip
+    plan = session.plan(**({"slots": {**session.state.slots, **slots}} if slots else {}))
+    write_launch_files(session, plan)
     spec = launch.launch_spec(plan, module, args)
     out.write(f"deepfleet: {spec.shell()}\n")
     master = session.master
     node = session.node_state(master)
     containers = {n.spec.name: n.container_id for n in session.state.nodes}
     try:
-        code, lines = launch.run(session.clients[master], node.container_id, plan, spec, out)
+        code, lines = launch.run(
+            session.clients[master], node.container_id, plan, spec, out,
+            redact=list((secrets or {}).values()),
+        )  # fmt: skip
     except KeyboardInterrupt:
         out.write("deepfleet: interrupted; stopping every rank\n")
         launch.stop_all(session.clients, containers)
@@ -187,9 +259,12 @@ def _run_launcher(session: Session, module: str, args: list[str], out) -> list[s
     return lines
 
 
-def train(session: Session, req: TrainRequest, out=sys.stdout) -> list[str]:
-    model, data = prepare_train(session, req, out)
-    return _run_launcher(session, "deepfleet_node.train", train_args(req, model, data), out)
+def train(session: Session, req: TrainRequest, out=sys.stdout, environ=None) -> list[str]:
+    secrets = secrets_from(environ if environ is not None else os.environ)
+    model, data = prepare_train(session, req, out, secrets)
+    return _run_launcher(
+        session, "deepfleet_node.train", train_args(req, model, data), out, req.slots, secrets
+    )
 
 
 def train_dry_run(session_plan, req: TrainRequest) -> str:
@@ -221,16 +296,17 @@ def _prompt_records(req: InferRequest) -> bytes:
     return "".join(json.dumps({"prompt": p}) + "\n" for p in req.prompts).encode()
 
 
-def infer(session: Session, req: InferRequest, out=sys.stdout) -> tuple[Path, list[dict]]:
+def infer(
+    session: Session, req: InferRequest, out=sys.stdout, environ=None
+) -> tuple[Path, list[dict]]:
+    secrets = secrets_from(environ if environ is not None else os.environ)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     job = f"{run_dir(req.run)}/infer-{stamp}"
     if not req.model:
         model = f"{run_dir(req.run)}/final"
         _replicate_from_master(session, model, out)
-    elif is_local(req.model):
-        model = _push_everywhere(session, req.model, MODELS, out)
     else:
-        model = req.model
+        model = resolve_model(session, req.model, out, secrets)
     prompts = _prompt_records(req)
     for node in session.state.nodes:
         transfer.put_files(
@@ -241,8 +317,9 @@ def infer(session: Session, req: InferRequest, out=sys.stdout) -> tuple[Path, li
         )
     result = f"{job}/results.jsonl"
     _run_launcher(
-        session, "deepfleet_node.infer", infer_args(req, model, f"{job}/prompts.jsonl", result), out
-    )
+        session, "deepfleet_node.infer", infer_args(req, model, f"{job}/prompts.jsonl", result),
+        out, secrets=secrets,
+    )  # fmt: skip
     data = transfer.fetch_file(session.container(session.master), result, session.master)
     local = Path(req.output or f"outputs/{req.run}-{stamp}.jsonl")
     local.parent.mkdir(parents=True, exist_ok=True)
@@ -250,3 +327,29 @@ def infer(session: Session, req: InferRequest, out=sys.stdout) -> tuple[Path, li
     records = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
     out.write(f"deepfleet: {len(records)} results in {local}\n")
     return local, records
+
+
+def fetch_model(session: Session, run: str, dest: Path, out=sys.stdout) -> Path:
+    """Copy a run's HF export from the master to this machine."""
+    source = f"{run_dir(run)}/final"
+    master = session.master
+    try:
+        stream, _ = session.container(master).get_archive(source)
+    except Exception as exc:
+        raise DeepfleetError(f"no export at {source}: {exc}", master) from exc
+    dest = dest.expanduser()
+    if dest.exists() and any(dest.iterdir()):
+        raise DeepfleetError(f"{dest} exists and is not empty; choose another --dest")
+    dest.mkdir(parents=True, exist_ok=True)
+    with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+        members = []
+        for member in tar.getmembers():
+            # the archive's top folder is "final"; keep what is under it, nothing that escapes
+            parts = Path(member.name).parts[1:]
+            if not parts or ".." in parts or not (member.isfile() or member.isdir()):
+                continue
+            member.name = str(Path(*parts))
+            members.append(member)
+        tar.extractall(dest, members=members, filter="data")
+    out.write(f"deepfleet: {len(members)} files from {master}:{source} in {dest}\n")
+    return dest

@@ -49,9 +49,10 @@ def launch_spec(plan: ClusterPlan, module: str, args: Sequence[str]) -> LaunchSp
 class LinePrefixer:
     """Split an exec byte stream into lines labelled with their node's name."""
 
-    def __init__(self, plan: ClusterPlan, write: Callable[[str], None]):
+    def __init__(self, plan: ClusterPlan, write: Callable[[str], None], redact: Sequence[str] = ()):
         self.plan = plan
         self.write = write
+        self.redact = [r for r in redact if r]
         self.buffer = ""
         self.lines: list[str] = []
 
@@ -75,13 +76,15 @@ class LinePrefixer:
         return f"[{self.plan.master.name}] {line}"
 
     def _emit(self, line: str) -> None:
+        for secret in self.redact:
+            line = line.replace(secret, "***")
         labelled = self.label(line.rstrip("\r"))
         self.lines.append(labelled)
         self.write(labelled + "\n")
 
 
 def run(
-    client, container_id: str, plan: ClusterPlan, spec: LaunchSpec, out=None
+    client, container_id: str, plan: ClusterPlan, spec: LaunchSpec, out=None, redact=()
 ) -> tuple[int, list[str]]:
     """Run the launcher; returns (exit code, labelled output lines)."""
     out = out or sys.stdout
@@ -94,7 +97,7 @@ def run(
     exec_id = api.exec_create(
         container_id, list(spec.argv), environment=spec.env, workdir=spec.workdir, tty=False
     )["Id"]
-    prefixer = LinePrefixer(plan, write)
+    prefixer = LinePrefixer(plan, write, redact)
     for chunk in api.exec_start(exec_id, stream=True, demux=False):
         prefixer.feed(chunk)
     prefixer.close()

@@ -31,3 +31,11 @@ def read_manifest(path: Path | None = None) -> dict[str, str]:
             raise ImageError(f"{path}:{number}: expected KEY=VALUE, got {raw!r}")
         values[key.strip()] = value.strip()
     return values
+
+
+def torch_index(values: dict[str, str], flavor: str) -> str:
+    """The manifest's torch wheel index for a flavor (TORCH_INDEX_CUDA, ...)."""
+    key = f"TORCH_INDEX_{flavor.upper()}"
+    if key not in values:
+        raise ImageError(f"the version manifest has no {key}")
+    return values[key]
