@@ -1,0 +1,548 @@
+"""DeepSpeed causal-LM fine-tuning, run on every rank by the DeepSpeed launcher.
+
+    deepspeed --hostfile H --master_addr IP --master_port P \\
+        --module deepfleet_node.train --model DIR --data FILE --output OUT ...
+
+Also runs as a plain `python -m deepfleet_node.train ...`: with no RANK/WORLD_SIZE in the
+environment it makes a one-rank process group by itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import json
+import logging
+import math
+import os
+import secrets
+import socket
+import time
+import warnings
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from ._log import say
+
+CONFIG_NAMES = ("zero1", "zero2", "zero3", "zero3-offload")
+WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="deepfleet_node.train", description=__doc__.split("\n")[0])
+    p.add_argument("--model", required=True, help="local model dir or hub name")
+    p.add_argument("--data", help=".txt/.jsonl file, a directory of them, or a save_to_disk dir")
+    p.add_argument(
+        "--prepare-dataset",
+        metavar="MODULE:FUNCTION",
+        help="build the dataset with fn(tokenizer=, seq_len=, data=, seed=); see data.from_hook",
+    )
+    p.add_argument(
+        "--deepspeed-config",
+        "--deepspeed_config",
+        default="zero2",
+        help=f"JSON path or one of {', '.join(CONFIG_NAMES)}",
+    )
+    p.add_argument("--output", required=True, help="run dir: checkpoints/, final/, metrics.jsonl")
+    length = p.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps (default 100)")
+    length.add_argument("--epochs", type=float, help="passes over this rank's shard")
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--micro-batch", type=int, default=4, help="sequences per rank per micro-step")
+    p.add_argument("--global-batch", type=int, help="sets gradient accumulation from world size")
+    p.add_argument("--grad-accum", type=int, default=1, help="used when --global-batch is unset")
+    p.add_argument("--lr", type=float, default=3e-4)
+    p.add_argument("--warmup-steps", type=int, default=10)
+    p.add_argument("--weight-decay", type=float, help="default: the config's value")
+    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument(
+        "--save-every", type=int, default=0, help="checkpoint every N steps (0: end only)"
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/latest")
+    p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
+    p.add_argument("--verbose", action="store_true", help="keep DeepSpeed's INFO logging")
+    # The DeepSpeed launcher appends --local_rank=N; LOCAL_RANK in the env says the same.
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if not args.data and not args.prepare_dataset:
+        p.error("give --data or --prepare-dataset")
+    if args.steps is None and args.epochs is None:
+        args.steps = 100
+    return args
+
+
+# ---------------------------------------------------------------- distributed
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ensure_dist_env() -> None:
+    """Give a launcher-less run the env a one-rank process group needs."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
+        return
+    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+    for key, value in defaults.items():
+        os.environ.setdefault(key, value)
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+
+
+def init_distributed(local_rank: int | None) -> tuple[int, int, str]:
+    """(rank, world, device type). The accelerator picks the backend: nccl, or gloo on CPU."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    ensure_dist_env()
+    if local_rank is not None:
+        os.environ["LOCAL_RANK"] = str(local_rank)
+    acc = get_accelerator()
+    if acc.device_name() != "cpu":
+        # Before any allocation, so zero.Init and NCCL land on this rank's GPU.
+        acc.set_device(int(os.environ["LOCAL_RANK"]))
+    deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+    import torch.distributed as dist
+
+    return dist.get_rank(), dist.get_world_size(), acc.device_name()
+
+
+def pick_precision(requested: str, device: str) -> str:
+    """bf16 only when every rank's GPU has it, else fp16; fp32 on CPU."""
+    if requested != "auto":
+        return requested
+    if device == "cpu":
+        return "fp32"
+    import torch
+    import torch.distributed as dist
+    from deepspeed.accelerator import get_accelerator
+
+    ok = torch.tensor([int(get_accelerator().is_bf16_supported())], device=torch_device(device))
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return "bf16" if ok.item() else "fp16"
+
+
+def torch_device(device: str):
+    import torch
+    from deepspeed.accelerator import get_accelerator
+
+    return torch.device(get_accelerator().current_device_name() if device != "cpu" else "cpu")
+
+
+# ---------------------------------------------------------------- config
+
+
+def resolve_config(name_or_path: str) -> Path:
+    if name_or_path in CONFIG_NAMES:
+        return Path(str(resources.files("deepfleet_node") / "configs" / f"{name_or_path}.json"))
+    path = Path(name_or_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no DeepSpeed config {path} (names: {', '.join(CONFIG_NAMES)})")
+    return path
+
+
+def grad_accum_steps(args: argparse.Namespace, world: int) -> int:
+    if args.global_batch is None:
+        return args.grad_accum
+    per_step = args.micro_batch * world
+    if args.global_batch % per_step:
+        raise SystemExit(
+            f"--global-batch {args.global_batch} is not a multiple of "
+            f"micro-batch {args.micro_batch} x world size {world}"
+        )
+    return args.global_batch // per_step
+
+
+def build_ds_config(
+    args, world: int, ga: int, precision: str, steps: int, device: str, shared: bool
+) -> dict:
+    cfg = json.loads(resolve_config(args.deepspeed_config).read_text())
+    cfg.setdefault("checkpoint", {})["use_node_local_storage"] = not shared
+    cfg["train_micro_batch_size_per_gpu"] = args.micro_batch
+    cfg["gradient_accumulation_steps"] = ga
+    cfg["train_batch_size"] = args.micro_batch * ga * world
+    cfg["bf16"] = {**cfg.get("bf16", {}), "enabled": precision == "bf16"}
+    cfg["fp16"] = {**cfg.get("fp16", {}), "enabled": precision == "fp16"}
+    zero = cfg.setdefault("zero_optimization", {"stage": 0})
+    set_optimizer(cfg, args, device == "cpu" and not offloads(zero, "offload_optimizer"))
+    set_scheduler(cfg, args, steps)
+    if zero.get("stage") == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    if device == "cpu":
+        adapt_zero_to_cpu(zero)
+    return cfg
+
+
+def offloads(zero: dict, key: str) -> bool:
+    return zero.get(key, {}).get("device", "none") not in ("none", None)
+
+
+def set_optimizer(cfg: dict, args, torch_adam: bool) -> None:
+    opt = cfg.setdefault("optimizer", {"type": "AdamW", "params": {}})
+    params = opt.setdefault("params", {})
+    params["lr"] = args.lr
+    if args.weight_decay is not None:
+        params["weight_decay"] = args.weight_decay
+    if torch_adam and opt["type"].lower() in ("adam", "adamw"):
+        # FusedAdam would JIT-compile a CPU op for no gain; offload keeps DeepSpeedCPUAdam.
+        params["torch_adam"] = True
+
+
+def set_scheduler(cfg: dict, args, steps: int) -> None:
+    """Fit DeepSpeed's warmup schedulers to this run; other schedulers are left alone."""
+    sched = cfg.setdefault("scheduler", {"type": "WarmupDecayLR", "params": {}})
+    kind = sched["type"]
+    if kind not in WARMUP_SCHEDULERS:
+        return
+    params = sched.setdefault("params", {})
+    # DeepSpeed rejects a zero-step warmup, and the decaying ones need steps left to decay.
+    warmup = max(1, min(args.warmup_steps, steps - 1))
+    params["warmup_num_steps"] = warmup
+    if kind != "WarmupCosineLR":  # that one scales the optimizer's lr by ratios instead
+        params.update(warmup_min_lr=0.0, warmup_max_lr=args.lr)
+    if kind != "WarmupLR":
+        params["total_num_steps"] = max(steps, warmup + 1)
+
+
+def adapt_zero_to_cpu(zero: dict) -> None:
+    # No side streams to overlap with and no pinned memory without an accelerator.
+    zero["overlap_comm"] = False
+    for key in ("offload_optimizer", "offload_param"):
+        if key in zero:
+            zero[key]["pin_memory"] = False
+
+
+# ---------------------------------------------------------------- model and data
+
+
+def quiet_libraries(verbose: bool) -> None:
+    import transformers
+    from deepspeed.utils import logger as ds_logger
+
+    transformers.utils.logging.disable_progress_bar()
+    if not verbose:
+        ds_logger.setLevel(logging.WARNING)
+        # DeepSpeed still calls c10d functions torch has renamed; one warning per call site
+        # per rank buries the progress lines.
+        warnings.filterwarnings(
+            "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
+        )
+
+
+def load_model(args, ds_config: dict, precision: str):
+    """The model, plus an object that must stay alive while ZeRO-3 is in use.
+
+    With ZeRO-3, HfDeepSpeedConfig makes from_pretrained build the model under
+    deepspeed.zero.Init, so no rank ever holds the full weights.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    keep_alive = None
+    if ds_config["zero_optimization"].get("stage") == 3:
+        keep_alive = zero3_loading(ds_config)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    if args.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    return model, keep_alive
+
+
+def zero3_loading(ds_config: dict):
+    """Turn on transformers' ZeRO-3 aware loading; None when it is unavailable.
+
+    transformers needs `accelerate` for it. Without that the model loads whole on each
+    rank and deepspeed.initialize partitions it afterwards: same training, more host RAM
+    at start-up.
+    """
+    try:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        return HfDeepSpeedConfig(ds_config)
+    except (ImportError, importlib.metadata.PackageNotFoundError):
+        say("note: no `accelerate`, so each rank loads full weights before ZeRO-3 partitions them")
+        return None
+
+
+def load_dataset(args, tokenizer):
+    from . import data
+
+    if args.prepare_dataset:
+        return data.from_hook(args.prepare_dataset, tokenizer, args.seq_len, args.data, args.seed)
+    return data.build_packed(tokenizer, data.load_examples(args.data), args.seq_len)
+
+
+def total_steps(args, batches_per_epoch: int, ga: int) -> int:
+    if args.steps is not None:
+        return args.steps
+    return max(1, math.ceil(args.epochs * batches_per_epoch / ga))
+
+
+# ---------------------------------------------------------------- metrics
+
+
+@dataclass
+class Window:
+    """What happened since the last log line; reduced over ranks only when logging."""
+
+    loss_sum: Any = 0.0
+    micro_steps: int = 0
+    tokens: int = 0
+    samples: int = 0
+    steps: int = 0
+    seconds: float = 0.0
+
+    def add_micro(self, loss, batch) -> None:
+        self.loss_sum = self.loss_sum + loss.detach().float()
+        self.micro_steps += 1
+        self.tokens += int(batch["attention_mask"].sum())
+        self.samples += int(batch["input_ids"].shape[0])
+
+    def reduce(self, device) -> tuple[float, int, int]:
+        """(mean loss, global tokens, global samples) over every rank."""
+        import torch
+        import torch.distributed as dist
+
+        totals = torch.stack(
+            [
+                torch.as_tensor(self.loss_sum, dtype=torch.float64, device=device),
+                torch.tensor(float(self.micro_steps), dtype=torch.float64, device=device),
+                torch.tensor(float(self.tokens), dtype=torch.float64, device=device),
+                torch.tensor(float(self.samples), dtype=torch.float64, device=device),
+            ]
+        )
+        dist.all_reduce(totals)
+        loss, micro, tokens, samples = totals.tolist()
+        return loss / micro, int(tokens), int(samples)
+
+
+def metrics_record(step: int, lr: float, window: Window, reduced, remaining: int) -> dict:
+    loss, tokens, samples = reduced
+    step_time = window.seconds / max(window.steps, 1)
+    seconds = max(window.seconds, 1e-9)
+    return {
+        "step": step,
+        "loss": loss,
+        "lr": lr,
+        "tokens_per_s": tokens / seconds,
+        "samples_per_s": samples / seconds,
+        "step_time_s": step_time,
+        "eta_s": step_time * remaining,
+    }
+
+
+def log_line(rec: dict, total: int) -> str:
+    return (
+        f"step {rec['step']}/{total} loss {rec['loss']:.4f} lr {rec['lr']:.2e} "
+        f"tok/s {rec['tokens_per_s']:.0f} samples/s {rec['samples_per_s']:.1f} "
+        f"step_time {rec['step_time_s']:.2f}s eta {rec['eta_s']:.0f}s"
+    )
+
+
+# ---------------------------------------------------------------- checkpoints
+
+
+def output_is_shared(out: Path, rank: int, device) -> bool:
+    """Whether every rank sees rank 0's output dir, i.e. one filesystem for all nodes.
+
+    deepfleet nodes normally each have their own disk; then DeepSpeed must write the
+    per-node parts of a checkpoint on every node (use_node_local_storage).
+    """
+    import torch
+    import torch.distributed as dist
+
+    token = [secrets.token_hex(8) if rank == 0 else None]
+    dist.broadcast_object_list(token, src=0)
+    marker = out / f".deepfleet-shared-{token[0]}"
+    if rank == 0:
+        marker.touch()
+    dist.barrier()
+    seen = torch.tensor([int(marker.exists())], device=device)
+    dist.all_reduce(seen, op=dist.ReduceOp.MIN)
+    if rank == 0:
+        marker.unlink()
+    return bool(seen.item())
+
+
+def save_checkpoint(engine, ckpt_dir: Path, step: int) -> None:
+    # Every rank writes its own ZeRO shard; DeepSpeed writes ckpt_dir/latest on rank 0.
+    tag = f"global_step{step}"
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={"step": step})
+    if engine.use_node_local_storage() and engine.local_rank == 0:
+        # ...so on node-local disks the other nodes need their own pointer.
+        (ckpt_dir / "latest").write_text(tag)
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """Rank 0's view of the newest checkpoint, shared so every rank makes one decision."""
+    import torch.distributed as dist
+
+    latest = ckpt_dir / "latest"
+    tag = [latest.read_text().strip() if latest.is_file() else None]
+    dist.broadcast_object_list(tag, src=0)
+    return tag[0]
+
+
+def resume(engine, ckpt_dir: Path) -> int:
+    tag = latest_tag(ckpt_dir)
+    if tag is None:
+        say(f"no checkpoint in {ckpt_dir}; starting from step 0")
+        return 0
+    path, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag)
+    if path is None:
+        raise RuntimeError(f"DeepSpeed could not load checkpoint {tag} from {ckpt_dir}")
+    step = int(client_state["step"])
+    say(f"resumed from step {step}")
+    return step
+
+
+def drop_metrics_after(path: Path, step: int) -> None:
+    """Forget metrics logged after the checkpoint: those steps are about to be redone."""
+    if not path.is_file():
+        return
+    rows = [line for line in path.read_text().splitlines() if line.strip()]
+    kept = [line for line in rows if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def export_final(engine, tokenizer, final_dir: Path, rank: int) -> None:
+    """HF-format model + tokenizer, written by global rank 0 only.
+
+    Under ZeRO-3 each rank holds a slice of every weight, so all ranks take part in the
+    gather and rank 0 receives the full state dict; under stages 0-2 rank 0's module
+    already holds full, updated weights.
+    """
+    import torch.distributed as dist
+
+    if engine.zero_optimization_partition_weights():
+        state = engine._zero3_consolidated_16bit_state_dict()
+    else:
+        state = engine.module.state_dict() if rank == 0 else None
+    if rank == 0:
+        model = engine.module
+        model.config.use_cache = True
+        model.save_pretrained(final_dir, state_dict=state, safe_serialization=True)
+        tokenizer.save_pretrained(final_dir)
+    dist.barrier()
+
+
+# ---------------------------------------------------------------- training
+
+
+@dataclass
+class Run:
+    engine: Any
+    stream: Any
+    args: argparse.Namespace
+    ga: int
+    total: int
+    device: Any
+    out: Path
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+
+def train_step(run: Run, step: int, window: Window) -> None:
+    engine = run.engine
+    for micro in range(run.ga):
+        batch = run.stream.batch(step * run.ga + micro)
+        loss = engine(**{k: v.to(run.device) for k, v in batch.items()}).loss
+        engine.backward(loss)
+        # Called every micro-step; DeepSpeed only updates at the accumulation boundary.
+        engine.step()
+        window.add_micro(loss, batch)
+
+
+def log_window(run: Run, step: int, lr: float, window: Window, rank: int) -> float:
+    rec = metrics_record(step, lr, window, window.reduce(run.device), run.total - step)
+    if rank == 0:
+        print(log_line(rec, run.total), flush=True)
+        with (run.out / "metrics.jsonl").open("a") as fh:
+            fh.write(json.dumps(rec) + "\n")
+    return rec["loss"]
+
+
+def train_loop(run: Run, start: int, rank: int) -> float:
+    window, last_loss, saved = Window(), float("nan"), start
+    every = run.args.log_every
+    for step in range(start, run.total):
+        lr = run.engine.get_lr()[0]
+        began = time.perf_counter()
+        train_step(run, step, window)
+        window.seconds += time.perf_counter() - began
+        window.steps += 1
+        done = step + 1
+        if done % every == 0 or done == run.total:
+            last_loss = log_window(run, done, lr, window, rank)
+            window = Window()
+        if run.args.save_every and done % run.args.save_every == 0:
+            save_checkpoint(run.engine, run.ckpt_dir, done)
+            saved = done
+    if saved != run.total:
+        save_checkpoint(run.engine, run.ckpt_dir, run.total)
+    return last_loss
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    rank, world, device_type = init_distributed(args.local_rank)
+
+    import deepspeed
+    import torch.distributed as dist
+    from transformers import AutoTokenizer, set_seed
+
+    from .data import BatchStream
+
+    quiet_libraries(args.verbose)
+    set_seed(args.seed)
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    shared = output_is_shared(out, rank, torch_device(device_type))
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model)
+    dataset = load_dataset(args, tokenizer)
+    ga = grad_accum_steps(args, world)
+    stream = BatchStream(dataset, rank, world, args.micro_batch, args.seed)
+    steps = total_steps(args, stream.per_epoch, ga)
+    precision = pick_precision(args.precision, device_type)
+    ds_config = build_ds_config(args, world, ga, precision, steps, device_type, shared)
+    model, _keep_alive = load_model(args, ds_config, precision)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=model.parameters(), config=ds_config
+    )
+    say(
+        f"training {args.model}: {len(dataset)} blocks x {args.seq_len} tokens, world {world}, "
+        f"micro-batch {args.micro_batch}, grad-accum {ga}, global batch "
+        f"{ds_config['train_batch_size']}, {steps} steps, zero stage "
+        f"{ds_config['zero_optimization'].get('stage')}, {precision}, "
+        f"{'shared' if shared else 'node-local'} checkpoint storage"
+    )
+
+    run = Run(engine, stream, args, ga, steps, engine.device, out)
+    start = resume(engine, run.ckpt_dir) if args.resume else 0
+    if rank == 0:
+        drop_metrics_after(out / "metrics.jsonl", start)
+    if start >= steps:
+        say(f"checkpoint is at step {start}, --steps is {steps}: nothing left to train")
+    else:
+        say(f"final loss {train_loop(run, start, rank):.4f}")
+    final_dir = out / "final"
+    export_final(engine, tokenizer, final_dir, rank)
+    say(f"exported {final_dir}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

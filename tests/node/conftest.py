@@ -1,0 +1,53 @@
+"""Shared fixtures for the node-workload tests: real tiny models, real DeepSpeed, no mocks."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from nodetools import NODE_DIR, TRAIN_ARGS, run_module
+
+if NODE_DIR.is_dir():  # a checkout; inside the node image the package is installed
+    sys.path.insert(0, str(NODE_DIR))
+
+# Tiny models on small CPUs run far slower with several OpenMP threads than with one
+# (thread wake-up dominates 64-wide matmuls), and two ranks on two cores oversubscribe.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """A tiny model + tokenizer, and learnable training text at train.txt beside it."""
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    from deepfleet_node import tiny
+
+    out = tmp_path_factory.mktemp("tiny")
+    tiny.main(["--out", str(out / "model"), "--data-out", str(out / "train.txt")])
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tiny_dir) -> Path:
+    return tiny_dir / "model"
+
+
+@pytest.fixture(scope="session")
+def train_text(tiny_dir) -> Path:
+    return tiny_dir / "train.txt"
+
+
+@pytest.fixture(scope="session")
+def zero2_run(tmp_path_factory, tiny_model, train_text) -> tuple[Path, str]:
+    """One 40-step ZeRO-2 training run shared by the training and inference tests."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("zero2")
+    log = run_module(
+        "train",
+        "--model", tiny_model, "--data", train_text, "--output", out,
+        "--deepspeed-config", "zero2", "--steps", "40", "--log-every", "5",
+        "--save-every", "20", *TRAIN_ARGS,
+    )  # fmt: skip
+    return out, log

@@ -1,0 +1,82 @@
+"""Helpers for the node-workload tests (a uniquely named module: tests/unit and
+tests/integration have their own conftest, and `from conftest import` would be ambiguous
+when several test folders run in one session)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+NODE_DIR = Path(__file__).resolve().parents[2] / "images" / "node"
+
+SUBPROCESS_TIMEOUT_S = 300
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def node_env(rank: int = 0, world: int = 1, port: int | None = None) -> dict[str, str]:
+    """Env for one rank of a process group formed without the DeepSpeed launcher."""
+    env = dict(os.environ)
+    if NODE_DIR.is_dir():  # a checkout; inside the image the package is installed
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(NODE_DIR), env.get("PYTHONPATH")]))
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port or free_port()),
+        TOKENIZERS_PARALLELISM="false",
+    )
+    return env
+
+
+def run_module(module: str, *args: str, env: dict[str, str] | None = None) -> str:
+    """Run `python -m deepfleet_node.<module>` as a one-rank job; its combined output."""
+    proc = subprocess.run(
+        [sys.executable, "-m", f"deepfleet_node.{module}", *map(str, args)],
+        env=env or node_env(),
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{module} exited {proc.returncode}:\n{output[-6000:]}"
+    return output
+
+
+def run_ranks(module: str, world: int, *args: str, node_dirs=None) -> list[str]:
+    """Start `world` ranks of one job over gloo; each rank's combined output.
+
+    node_dirs simulates one node per rank: rank i runs in node_dirs[i] as that node's
+    local rank 0, so relative paths land on separate "disks".
+    """
+    port = free_port()
+    procs = []
+    for rank in range(world):
+        env = node_env(rank, world, port)
+        if node_dirs:
+            env["LOCAL_RANK"] = "0"
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", f"deepfleet_node.{module}", *map(str, args)],
+                env=env,
+                cwd=node_dirs[rank] if node_dirs else None,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
+    outputs = [p.communicate(timeout=SUBPROCESS_TIMEOUT_S)[0] for p in procs]
+    for rank, (proc, out) in enumerate(zip(procs, outputs, strict=True)):
+        assert proc.returncode == 0, f"rank {rank} exited {proc.returncode}:\n{out[-6000:]}"
+    return outputs
+
+
+TRAIN_ARGS = ("--seq-len", "64", "--micro-batch", "4", "--lr", "3e-3", "--warmup-steps", "5")
