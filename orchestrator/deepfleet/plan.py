@@ -126,7 +126,14 @@ def plan_cluster(
     backend = BACKENDS.get(accelerator)
     if backend is None:
         raise PlanError(f"no distributed backend for accelerator {accelerator!r}")
+    threads = {}
+    if accelerator == "cpu":
+        # one OpenMP pool per rank sized to its share of the node; torch's default (every
+        # core per process) oversubscribes as soon as a node runs two ranks
+        share = min(reports[n.name].cpu_count // n.slots for n in nodes)
+        threads = {"OMP_NUM_THREADS": str(max(1, share))}
     env = {
+        **threads,
         "PYTHONUNBUFFERED": "1",
         "DEEPFLEET_BACKEND": backend,
         "TORCH_EXTENSIONS_DIR": "/opt/deepfleet/torch_extensions",

@@ -32,6 +32,7 @@ def test_cpu_plan_and_hostfile():
     assert hostfile.render_hostfile(plan) == "10.0.0.1 slots=2\n10.0.0.2 slots=2\n"
     env = hostfile.render_deepspeed_env(plan.env)
     assert "DEEPFLEET_BACKEND=gloo\n" in env and env.endswith("\n")
+    assert "OMP_NUM_THREADS=4\n" in env  # 8 cores, 2 ranks per node
 
 
 def test_gpu_slots_come_from_the_reports_and_overrides_win():
