@@ -26,7 +26,8 @@ TRAIN_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(DATA),--data $(DATA)) \
               $(if $(filter 1,$(RESUME)),--resume)
 INFER_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(RUN),--run $(RUN)) \
               $(if $(PROMPTS),--prompts $(PROMPTS)) $(if $(OUTPUT),--output $(OUTPUT)) \
-              $(if $(MAX_NEW_TOKENS),--max-new-tokens $(MAX_NEW_TOKENS))
+              $(if $(MAX_NEW_TOKENS),--max-new-tokens $(MAX_NEW_TOKENS)) \
+              $(if $(SLOTS),--slots "$(SLOTS)") $(if $(MODE),--mode $(MODE))
 PROMPT ?= The lighthouse keeper
 
 .PHONY: setup docker venv images lab-up lab-down up status train infer down doctor fetch-model \

@@ -158,6 +158,8 @@ def cmd_infer(args) -> int:
         top_p=args.top_p,
         seed=args.seed,
         output=args.output,
+        slots=_slots(args.slots),
+        mode=args.mode,
         extra=args.extra,
     )
     session = cluster.open_session(StateStore(args.state_dir), args.timeout)

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import hostfile, launch, transfer
+from . import hostfile, inferplan, launch, transfer
 from .cluster import Session
 from .connect import fan_out
 from .containers import exec_text
@@ -65,6 +65,8 @@ class InferRequest:
     top_p: float = 1.0
     seed: int = 0
     output: str = ""  # local JSONL; default ./outputs/<run>-<time>.jsonl
+    slots: dict[str, int] = field(default_factory=dict)
+    mode: str = "auto"
     extra: list[str] = field(default_factory=list)
 
 
@@ -99,8 +101,11 @@ def train_args(req: TrainRequest, model_path: str, data_path: str) -> list[str]:
     return args + list(req.extra)
 
 
-def infer_args(req: InferRequest, model_path: str, prompts_path: str, out_path: str) -> list[str]:
+def infer_args(
+    req: InferRequest, model_path: str, prompts_path: str, out_path: str, mode: str = "replicas"
+) -> list[str]:
     args = ["--model", model_path, "--prompts", prompts_path, "--output", out_path]
+    args += ["--mode", mode]
     args += ["--max-new-tokens", str(req.max_new_tokens), "--seed", str(req.seed)]
     if req.greedy:
         args.append("--greedy")
@@ -316,9 +321,11 @@ def infer(
             node.spec.name,
         )
     result = f"{job}/results.jsonl"
+    chosen = plan_inference(session, req, model, out)
     _run_launcher(
-        session, "deepfleet_node.infer", infer_args(req, model, f"{job}/prompts.jsonl", result),
-        out, secrets=secrets,
+        session, "deepfleet_node.infer",
+        infer_args(req, model, f"{job}/prompts.jsonl", result, chosen.mode),
+        out, chosen.slots, secrets,
     )  # fmt: skip
     data = transfer.fetch_file(session.container(session.master), result, session.master)
     local = Path(req.output or f"outputs/{req.run}-{stamp}.jsonl")
@@ -327,6 +334,28 @@ def infer(
     records = [json.loads(line) for line in data.decode().splitlines() if line.strip()]
     out.write(f"deepfleet: {len(records)} results in {local}\n")
     return local, records
+
+
+def model_bytes(session: Session, model: str) -> int | None:
+    """Weights size from the model's config alone (read on the master, no weights loaded)."""
+    master = session.master
+    code, output = session.container(master).exec_run(
+        ["python", "-m", "deepfleet_node.modelinfo", "--model", model], demux=True
+    )
+    if code != 0:
+        return None
+    try:
+        return int(json.loads(output[0].decode())["weights_bytes"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def plan_inference(session: Session, req: InferRequest, model: str, out) -> inferplan.InferencePlan:
+    plan = session.plan(**({"slots": {**session.state.slots, **req.slots}} if req.slots else {}))
+    size = model_bytes(session, model) if req.mode == "auto" else None
+    chosen = inferplan.choose(plan, session.state.reports(), size, req.mode)
+    out.write(f"deepfleet: inference mode {chosen.mode}: {chosen.reason}\n")
+    return chosen
 
 
 def fetch_model(session: Session, run: str, dest: Path, out=sys.stdout) -> Path:

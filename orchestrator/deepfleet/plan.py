@@ -113,11 +113,15 @@ def plan_cluster(
     for spec in inventory.nodes:
         report = reports[spec.name]
         count = slots.get(spec.name, slots_for(report, cpu_slots))
-        if count < 1:
-            raise PlanError(f"needs at least one slot, got {count}", spec.name)
+        if count < 0:
+            raise PlanError(f"slots cannot be negative, got {count}", spec.name)
+        if count == 0:  # left out of this job
+            continue
         nodes.append(
             PlannedNode(spec.name, spec.host, count, report.accelerator, usable_gpus(report))
         )
+    if not nodes:
+        raise PlanError("every node has 0 slots: nothing would run")
     accelerators = {n.accelerator for n in nodes}
     if len(accelerators) > 1:
         kinds = ", ".join(f"{n.name}={n.accelerator}" for n in nodes)

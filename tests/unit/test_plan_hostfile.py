@@ -70,8 +70,16 @@ def test_missing_report_and_bad_slots():
         plan_cluster(inv("a", "b"), {"a": rep()})
     with pytest.raises(PlanError, match="unknown nodes: zz"):
         plan_cluster(inv("a"), {"a": rep()}, slots={"zz": 1})
-    with pytest.raises(PlanError, match="at least one slot"):
+    with pytest.raises(PlanError, match="nothing would run"):
         plan_cluster(inv("a"), {"a": rep()}, slots={"a": 0})
+    with pytest.raises(PlanError, match="negative"):
+        plan_cluster(inv("a"), {"a": rep()}, slots={"a": -1})
+
+
+def test_zero_slots_leave_a_node_out_and_move_the_master():
+    plan = plan_cluster(inv("a", "b"), {"a": rep(), "b": rep()}, slots={"a": 0, "b": 2})
+    assert [n.name for n in plan.nodes] == ["b"]
+    assert plan.master_addr == "10.0.0.2" and plan.world_size == 2
 
 
 def test_env_file_refuses_what_deepspeed_cannot_carry():

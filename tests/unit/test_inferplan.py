@@ -1,0 +1,82 @@
+import json
+
+import pytest
+from conftest import detect_report
+
+from deepfleet import reports
+from deepfleet.errors import PlanError
+from deepfleet.inferplan import choose
+from deepfleet.inventory import Inventory, NodeSpec
+from deepfleet.plan import plan_cluster
+
+GB = 10**9
+
+
+def gpu(i, mem_gb):
+    return {"index": i, "vendor": "nvidia", "name": "GPU", "memory_bytes": mem_gb * GB}
+
+
+def cluster(*gpu_counts, mem_gb=24):
+    names = [f"n{i}" for i in range(len(gpu_counts))]
+    inv = Inventory(
+        tuple(
+            NodeSpec(n, f"10.0.0.{i + 1}", "root", 22, None, "/dev/null")
+            for i, n in enumerate(names)
+        ),
+        None,
+    )
+    reps = {
+        n: reports.parse(
+            json.dumps(
+                detect_report(
+                    accelerator="cuda", gpu_vendor="nvidia", gpus=[gpu(i, mem_gb) for i in range(c)]
+                )
+            )
+        )
+        for n, c in zip(names, gpu_counts, strict=True)
+    }
+    return plan_cluster(inv, reps), reps
+
+
+def test_small_model_gets_a_replica_per_gpu():
+    plan, reps = cluster(2, 1)
+    got = choose(plan, reps, 7 * GB, "auto")
+    assert got.mode == "replicas" and got.slots == {"n0": 2, "n1": 1}
+    assert "smallest device has 24.0 GB" in got.reason
+
+
+def test_model_larger_than_a_gpu_goes_tensor_parallel_on_the_biggest_node():
+    plan, reps = cluster(1, 4)
+    got = choose(plan, reps, 40 * GB, "auto")
+    assert got.mode == "tp" and got.slots == {"n0": 0, "n1": 4}
+    assert "n1's 4 devices" in got.reason
+
+
+def test_model_larger_than_any_node_goes_zero_across_all():
+    plan, reps = cluster(2, 2)
+    got = choose(plan, reps, 70 * GB, "auto")
+    assert got.mode == "zero" and got.slots == {"n0": 2, "n1": 2}
+
+
+def test_model_larger_than_the_cluster_is_refused():
+    plan, reps = cluster(1, 1)
+    with pytest.raises(PlanError, match="whole cluster has 48.0 GB"):
+        choose(plan, reps, 100 * GB, "auto")
+
+
+def test_cpu_replicas_are_one_per_node_and_explicit_modes_win():
+    inv = Inventory(
+        tuple(
+            NodeSpec(n, f"10.0.0.{i}", "root", 22, None, "/dev/null") for i, n in enumerate("ab")
+        ),
+        None,
+    )
+    reps = {n: reports.parse(json.dumps(detect_report())) for n in "ab"}
+    assert choose(plan_cluster(inv, reps), reps, 10**6, "auto").slots == {"a": 1, "b": 1}
+    plan = plan_cluster(inv, reps, cpu_slots=2)
+    assert choose(plan, reps, 10**6, "auto").slots == {"a": 2, "b": 2}
+    assert choose(plan, reps, None, "auto").mode == "replicas"
+    assert choose(plan, reps, 10**6, "zero").slots == {"a": 2, "b": 2}
+    assert choose(plan, reps, 10**6, "tp").slots == {"a": 2, "b": 0}
+    with pytest.raises(PlanError, match="unknown inference mode"):
+        choose(plan, reps, 1, "pipeline")
