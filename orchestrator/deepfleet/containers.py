@@ -96,7 +96,10 @@ def exec_text(container, argv: list[str], node: str, env: dict | None = None) ->
     if code != 0:
         stderr = (out[1] or b"").decode(errors="replace").strip().splitlines()
         last = stderr[-1] if stderr else stdout.strip()[-200:]
-        raise ContainerError(f"`{' '.join(argv)}` exited {code}: {last}", node)
+        shown = " ".join(argv) if len(" ".join(argv)) < 80 else " ".join(argv[:3]) + " ..."
+        error = ContainerError(f"`{shown}` exited {code}: {last}", node)
+        error.cause = last
+        raise error
     return stdout
 
 

@@ -25,6 +25,8 @@ from .plan import RUN_DIR, ClusterPlan
 # Passed to the nodes' download step through the exec environment only: never in a file,
 # an image, the launcher's command line or its logs.
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
+# Hub settings of the operator's that the download step honours too (mirrors, offline).
+HUB_ENV = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_ENABLE_HF_TRANSFER")
 
 MODELS = "/workspace/models"
 DATA = "/workspace/data"
@@ -177,7 +179,11 @@ def secrets_from(environ) -> dict[str, str]:
     return {k: environ[k] for k in SECRET_ENV if environ.get(k)}
 
 
-def prefetch_hub_model(session: Session, model: str, secrets: dict[str, str], out) -> None:
+def hub_settings(environ) -> dict[str, str]:
+    return {k: environ[k] for k in HUB_ENV if environ.get(k)}
+
+
+def prefetch_hub_model(session: Session, model: str, env: dict[str, str], out) -> None:
     """Download a hub model into every node's HF cache before the job starts.
 
     Ranks then load it with HF_HUB_OFFLINE=1, so the token never has to reach them.
@@ -190,7 +196,11 @@ def prefetch_hub_model(session: Session, model: str, secrets: dict[str, str], ou
 
     def fetch(node):
         name = node.spec.name
-        exec_text(session.container(name), ["python", "-c", script, model], name, env=secrets)
+        try:
+            exec_text(session.container(name), ["python", "-c", script, model], name, env=env)
+        except DeepfleetError as exc:
+            cause = getattr(exc, "cause", str(exc))
+            raise DeepfleetError(f"cannot download {model}: {cause}", name) from exc
         return True
 
     _, errors = fan_out(session.state.nodes, fetch, lambda n: n.spec.name)
@@ -203,7 +213,7 @@ def resolve_model(session: Session, model: str, out, secrets: dict[str, str]) ->
     """A model argument as the ranks will see it: local dirs copied, hub names cached."""
     if is_local(model):
         return _push_everywhere(session, model, MODELS, out)
-    prefetch_hub_model(session, model, secrets, out)
+    prefetch_hub_model(session, model, {**hub_settings(os.environ), **secrets}, out)
     return model
 
 

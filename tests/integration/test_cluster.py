@@ -69,9 +69,10 @@ def test_host_keys_are_pinned_not_ignored(cluster):
     assert cluster.node_exec(1, ["test", "-f", "/root/.ssh/deepfleet_cluster"])[0] != 0
 
 
-def test_two_node_training_lowers_loss(cluster):
+def test_two_node_training_with_unequal_slots_lowers_loss(cluster):
     result = cluster.run(
-        "train", "--run", RUN, "--steps", "40", "--log-every", "5", "--save-every", "20",
+        "train", "--run", RUN, "--config", "zero2", "--slots", "lab1=2",
+        "--steps", "40", "--log-every", "5", "--save-every", "20",
         timeout=1500,
     )  # fmt: skip
     lines = result.stdout.splitlines()
@@ -96,17 +97,20 @@ def test_checkpoints_and_export_exist(cluster):
     assert metrics and metrics[-1]["step"] == 40
 
 
-def test_make_infer_greedy_equals_single_process_generate(cluster, tmp_path):
+def test_make_infer_three_replicas_equal_single_process_generate(cluster, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
     output = tmp_path / "out.jsonl"
     env = cluster.env()
     result = subprocess.run(
         ["make", "-s", "infer", f"RUN={RUN}", f"PROMPTS={prompts}", f"OUTPUT={output}",
-         "MAX_NEW_TOKENS=24"],
+         "MAX_NEW_TOKENS=24", "MODE=replicas", "SLOTS=lab1=2"],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=900,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "inference mode replicas" in result.stdout
+    # three replicas: two ranks on lab1, one on lab2
+    assert "dist_world_size=3" in result.stdout, result.stdout[-3000:]
     got = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["prompt"] for r in got] == PROMPTS
 
@@ -146,22 +150,3 @@ def test_unknown_host_key_is_refused_and_leaves_nothing(cluster, tmp_path):
     assert len(err) == 1 and err[0].startswith("deepfleet: lab2: host key of root@"), err
     assert "not in" in err[0]
     assert not state.exists()
-
-
-def test_down_with_an_unreachable_node_names_it(cluster, outer_docker):
-    lab2 = outer_docker.containers.get(cluster.lab.nodes[1].container)
-    lab2.pause()
-    try:
-        result = cluster.run("--timeout", "3", "down", check=False, timeout=120)
-    finally:
-        lab2.unpause()
-    assert result.returncode == 0, result.stderr
-    assert "[lab1] container removed" in result.stdout
-    warning = [line for line in result.stderr.splitlines() if "lab2" in line]
-    assert warning and "not cleaned" in warning[0], result.stderr
-    assert not cluster.state_dir.exists()
-    # lab1 is clean; lab2 kept its container, exactly as the warning said
-    lab1 = outer_docker.containers.get(cluster.lab.nodes[0].container)
-    assert lab1.exec_run(["docker", "ps", "-aq"]).output.strip() == b""
-    assert lab2.exec_run(["docker", "ps", "-aq"]).output.strip() != b""
-    lab2.exec_run(["docker", "rm", "-f", "deepfleet-node"])

@@ -1,0 +1,140 @@
+"""Jobs a person runs on their own data: ZeRO-3 on unequal slots, Ctrl-C and resume,
+local instruction data copied once, the export fetched and loaded, secrets kept out."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+from conftest import DEEPFLEET, ROOT
+
+pytestmark = pytest.mark.lab
+
+STEP_RE = re.compile(r"^\[(\S+)\] step (\d+)/(\d+) loss ([0-9.]+)")
+RUN = "z3"
+TRAIN = ["train", "--run", RUN, "--config", "zero3", "--slots", "lab1=2", "--steps", "40",
+         "--save-every", "10", "--log-every", "5"]  # fmt: skip
+
+
+def steps(text: str) -> list[tuple[int, float]]:
+    return [
+        (int(m.group(2)), float(m.group(4))) for m in map(STEP_RE.match, text.splitlines()) if m
+    ]
+
+
+def running_ranks(cluster) -> list[str]:
+    found = []
+    for index in (0, 1):
+        code, out = cluster.node_exec(index, ["pgrep", "-af", "deepfleet_node.train"])
+        if code == 0:
+            found.append(f"node {index}: {out.strip()}")
+    return found
+
+
+@pytest.fixture(scope="module")
+def interrupted(cluster):
+    """A ZeRO-3 run on 2+1 processes, stopped with Ctrl-C once a checkpoint exists."""
+    proc = subprocess.Popen(
+        [*DEEPFLEET, *TRAIN],
+        cwd=ROOT, env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    seen = []
+    deadline = time.monotonic() + 900
+    for line in proc.stdout:
+        seen.append(line)
+        match = STEP_RE.match(line)
+        if match and int(match.group(2)) >= 25:
+            break
+        assert time.monotonic() < deadline, "".join(seen[-50:])
+    proc.send_signal(signal.SIGINT)
+    rest, _ = proc.communicate(timeout=120)
+    return proc.returncode, "".join(seen) + rest
+
+
+def test_ctrl_c_stops_every_rank_on_every_node(cluster, interrupted):
+    code, output = interrupted
+    assert code == 130, output[-3000:]
+    assert "stopping every rank" in output
+    deadline = time.monotonic() + 30
+    while running_ranks(cluster) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert running_ranks(cluster) == []
+
+
+def test_resume_continues_from_the_saved_step(cluster, interrupted):
+    _, first = interrupted
+    first_steps = steps(first)
+    assert first_steps and first_steps[0][0] == 5
+    result = cluster.run(*TRAIN, "--resume", timeout=1500)
+    match = re.search(r"resumed from step (\d+)", result.stdout)
+    assert match, result.stdout[-3000:]
+    saved = int(match.group(1))
+    assert saved in (20, 30), saved  # the newest checkpoint before Ctrl-C
+    resumed = steps(result.stdout)
+    assert resumed[0][0] == saved + 5 and resumed[-1][0] == 40
+    assert resumed[-1][1] < first_steps[0][1] * 0.8, (first_steps, resumed)
+    assert "dist_world_size=3" in result.stdout
+    code, out = cluster.node_exec(0, ["cat", f"/workspace/checkpoints/{RUN}/metrics.jsonl"])
+    logged = [json.loads(line)["step"] for line in out.splitlines() if line.strip()]
+    assert logged == list(range(5, 45, 5)), logged  # no step twice, none missing
+
+
+def test_zero3_export_loads_with_plain_transformers(cluster, interrupted, tmp_path):
+    final = f"/workspace/checkpoints/{RUN}/final"
+    code, out = cluster.node_exec(
+        0,
+        ["python", "-c",
+         "import sys; from transformers import AutoModelForCausalLM as M, AutoTokenizer as T;"
+         "m = M.from_pretrained(sys.argv[1]); T.from_pretrained(sys.argv[1]);"
+         "print('params', sum(p.numel() for p in m.parameters()))", final],
+    )  # fmt: skip
+    assert code == 0, out
+    params = int(re.search(r"params (\d+)", out).group(1))
+    assert params > 10_000
+    dest = tmp_path / "fetched"
+    cluster.run("fetch-model", "--run", RUN, "--dest", str(dest))
+    assert (dest / "config.json").is_file() and (dest / "model.safetensors").is_file()
+    assert json.loads((dest / "config.json").read_text())["model_type"] == "llama"
+
+
+def test_local_instruction_data_is_copied_once_and_trains(cluster, tmp_path):
+    data = tmp_path / "sft"
+    data.mkdir()
+    colours = ["red", "green", "white"]
+    rows = [
+        {"prompt": f"Q: what colour is boat {i % 3}? A:", "completion": f" {colours[i % 3]}."}
+        for i in range(60)
+    ]
+    (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    args = ["train", "--run", "sft", "--data", str(data), "--steps", "6", "--log-every", "3"]
+    first = cluster.run(*args, timeout=900)
+    assert "[lab1] /workspace/data/sft: copied" in first.stdout
+    assert "[lab2] /workspace/data/sft: copied" in first.stdout
+    second = cluster.run(*args, timeout=900)
+    assert "[lab1] /workspace/data/sft: unchanged" in second.stdout
+    assert "[lab2] /workspace/data/sft: unchanged" in second.stdout
+    assert steps(second.stdout)[-1][0] == 6
+
+
+def test_hf_token_never_reaches_logs_or_files(cluster):
+    env = {**cluster.env(), "HF_TOKEN": "hf_secretTOKEN123", "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [*DEEPFLEET, "train", "--model", "example-org/not-cached-model", "--steps", "1"],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 1
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deepfleet: lab"), err
+    assert "hf_secretTOKEN123" not in result.stdout + result.stderr
+    for index in (0, 1):
+        code, out = cluster.node_exec(
+            index,
+            ["grep", "-rl", "hf_secretTOKEN123", "/root", "/workspace/.deepfleet", "/etc/ssh"],
+        )
+        assert code == 1 and out.strip() == "", out
+    assert os.environ.get("HF_TOKEN") != "hf_secretTOKEN123"
