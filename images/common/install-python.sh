@@ -2,21 +2,47 @@
 # Python layer shared by every flavor. FLAVOR picks where torch comes from; every
 # version is a build arg taken from images/versions.env.
 set -eu
-: "${PYTHON_VERSION:?}" "${TORCH_VERSION:?}" "${DEEPSPEED_VERSION:?}" "${TRANSFORMERS_VERSION:?}"
-: "${TOKENIZERS_VERSION:?}" "${SAFETENSORS_VERSION:?}"
-have="$(python3 -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
+: "${FLAVOR:?}" "${PYTHON_VERSION:?}" "${TORCH_VERSION:?}" "${DEEPSPEED_VERSION:?}"
+: "${TRANSFORMERS_VERSION:?}" "${TOKENIZERS_VERSION:?}" "${SAFETENSORS_VERSION:?}"
+python="python${PYTHON_VERSION}"
+have="$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')"
 if [ "$have" != "$PYTHON_VERSION" ]; then
-  echo "base image has python $have, manifest wants $PYTHON_VERSION" >&2
+  echo "$python is python $have, manifest wants $PYTHON_VERSION" >&2
   exit 1
 fi
-python3 -m venv /opt/venv
+"$python" -m venv /opt/venv
 export PIP_CERT=/etc/ssl/certs/ca-certificates.crt PIP_DISABLE_PIP_VERSION_CHECK=1 PIP_NO_CACHE_DIR=1
 pip=/opt/venv/bin/pip
 $pip install --upgrade "pip>=24" wheel setuptools
+
 index=""
-if [ -n "${TORCH_INDEX_URL:-}" ]; then
-  index="--extra-index-url ${TORCH_INDEX_URL}"
-fi
+case "$FLAVOR" in
+  cpu)
+    if [ -n "${TORCH_INDEX_URL:-}" ]; then
+      index="--extra-index-url ${TORCH_INDEX_URL}"
+    fi
+    ;;
+  cuda | rocm)
+    # PyPI's torch is built for one CUDA release only; the flavor's index (the manifest's
+    # TORCH_INDEX_CUDA / TORCH_INDEX_ROCM) must be the only index torch can come from.
+    : "${TORCH_INDEX_URL:?the $FLAVOR image needs the manifest torch index}"
+    index="--index-url ${TORCH_INDEX_URL}"
+    # The image builder has no GPU: DeepSpeed would pick its cpu accelerator and its JIT
+    # builders would find no device to compile for. Compile FusedAdam into the package
+    # instead, for the manifest's arch list (TORCH_CUDA_ARCH_LIST / PYTORCH_ROCM_ARCH build
+    # args). DeepSpeed runs ROCm through its cuda accelerator too.
+    if [ "$FLAVOR" = cuda ]; then
+      : "${TORCH_CUDA_ARCH_LIST:?}"
+    else
+      : "${PYTORCH_ROCM_ARCH:?}"
+    fi
+    export DS_ACCELERATOR=cuda DS_BUILD_FUSED_ADAM=1
+    ;;
+  *)
+    echo "unknown FLAVOR $FLAVOR" >&2
+    exit 1
+    ;;
+esac
 # shellcheck disable=SC2086
 $pip install --find-links /opt/deepfleet/wheels $index "torch==${TORCH_VERSION}"
 # DeepSpeed's setup.py imports torch: build isolation would fetch a second torch.
@@ -30,5 +56,10 @@ import torch, deepspeed, transformers
 assert torch.__version__.split("+")[0] == "${TORCH_VERSION}", torch.__version__
 assert deepspeed.__version__ == "${DEEPSPEED_VERSION}", deepspeed.__version__
 assert transformers.__version__ == "${TRANSFORMERS_VERSION}", transformers.__version__
+flavor = "${FLAVOR}"
+if flavor == "cuda":
+    assert torch.version.cuda, f"torch {torch.__version__} is not a CUDA build"
+if flavor == "rocm":
+    assert torch.version.hip, f"torch {torch.__version__} is not a ROCm build"
 print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)
 PY
