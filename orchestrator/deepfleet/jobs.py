@@ -82,7 +82,9 @@ def run_dir(run: str) -> str:
     return f"{CHECKPOINTS}/{run}"
 
 
-def train_args(req: TrainRequest, model_path: str, data_path: str) -> list[str]:
+def train_args(
+    req: TrainRequest, model_path: str, data_path: str, precision: str = "auto"
+) -> list[str]:
     args = [
         "--model", model_path,
         "--data", data_path,
@@ -93,6 +95,7 @@ def train_args(req: TrainRequest, model_path: str, data_path: str) -> list[str]:
         "--micro-batch", str(req.micro_batch),
         "--lr", str(req.lr),
         "--log-every", str(req.log_every),
+        "--precision", precision,
     ]  # fmt: skip
     if req.save_every:
         args += ["--save-every", str(req.save_every)]
@@ -277,9 +280,11 @@ def _run_launcher(
 def train(session: Session, req: TrainRequest, out=sys.stdout, environ=None) -> list[str]:
     secrets = secrets_from(environ if environ is not None else os.environ)
     model, data = prepare_train(session, req, out, secrets)
+    precision = session.plan().precision
     return _run_launcher(
-        session, "deepfleet_node.train", train_args(req, model, data), out, req.slots, secrets
-    )
+        session, "deepfleet_node.train", train_args(req, model, data, precision), out, req.slots,
+        secrets,
+    )  # fmt: skip
 
 
 def train_dry_run(session_plan, req: TrainRequest) -> str:

@@ -23,6 +23,9 @@ COMPARED_VERSIONS = ("python", "torch", "deepspeed", "transformers")
 BACKENDS = {"cuda": "nccl", "rocm": "nccl", "cpu": "gloo"}  # RCCL answers to "nccl" in torch
 
 
+ACCELERATOR_VENDOR = {"cuda": "nvidia", "rocm": "amd"}
+
+
 @dataclass(frozen=True)
 class PlannedNode:
     name: str
@@ -30,6 +33,29 @@ class PlannedNode:
     slots: int
     accelerator: str
     gpus: int
+
+
+def _bf16(gpu) -> bool:
+    if gpu.compute_capability:  # NVIDIA: Ampere (8.0) and newer
+        try:
+            return float(gpu.compute_capability) >= 8.0
+        except ValueError:
+            return False
+    target = (gpu.gfx_target or "").lower()  # AMD: CDNA2+ and RDNA3+
+    return target.startswith(("gfx90a", "gfx94", "gfx95", "gfx11", "gfx12"))
+
+
+def choose_precision(reports: Mapping[str, NodeReport], names: list[str]) -> str:
+    """One precision for the whole job: every rank must agree or ZeRO's buffers do not match."""
+    gpus = [
+        g
+        for n in names
+        for g in reports[n].gpus
+        if g.vendor == ACCELERATOR_VENDOR.get(reports[n].accelerator)
+    ]
+    if not gpus:
+        return "fp32"
+    return "bf16" if all(_bf16(g) for g in gpus) else "fp16"
 
 
 @dataclass(frozen=True)
@@ -40,6 +66,7 @@ class ClusterPlan:
     backend: str
     env: Mapping[str, str] = field(default_factory=dict)
     ssh_port: int = SSH_PORT
+    precision: str = "fp32"
 
     @property
     def master(self) -> PlannedNode:
@@ -78,9 +105,6 @@ def check_versions(reports: Mapping[str, NodeReport]) -> None:
             problems.append(f"{key} {' vs '.join(parts)}")
     if problems:
         raise PlanError("node versions differ: " + "; ".join(problems))
-
-
-ACCELERATOR_VENDOR = {"cuda": "nvidia", "rocm": "amd"}
 
 
 def usable_gpus(report: NodeReport) -> int:
@@ -150,4 +174,5 @@ def plan_cluster(
         master_port=master_port,
         backend=backend,
         env=env,
+        precision=choose_precision(reports, [n.name for n in nodes]),
     )

@@ -110,3 +110,17 @@ def test_gpus_of_another_vendor_are_not_slots():
     r = rep(accelerator="cuda", gpu_vendor="nvidia", gpus=[gpu(0), amd_igpu])
     plan = plan_cluster(inv("a"), {"a": r})
     assert plan.nodes[0].slots == 1 and plan.nodes[0].gpus == 1
+
+
+def test_precision_is_one_for_the_whole_job():
+    a100 = dict(gpu(0, "A100"), compute_capability="8.0")
+    v100 = dict(gpu(0, "V100"), compute_capability="7.0")
+    both = {"a": rep(accelerator="cuda", gpus=[a100]), "b": rep(accelerator="cuda", gpus=[a100])}
+    assert plan_cluster(inv("a", "b"), both).precision == "bf16"
+    mixed = {**both, "b": rep(accelerator="cuda", gpus=[v100])}
+    assert plan_cluster(inv("a", "b"), mixed).precision == "fp16"
+    mi300 = {"index": 0, "vendor": "amd", "name": "MI300X", "gfx_target": "gfx942"}
+    mi50 = {"index": 0, "vendor": "amd", "name": "MI50", "gfx_target": "gfx906"}
+    assert plan_cluster(inv("a"), {"a": rep(accelerator="rocm", gpus=[mi300])}).precision == "bf16"
+    assert plan_cluster(inv("a"), {"a": rep(accelerator="rocm", gpus=[mi50])}).precision == "fp16"
+    assert plan_cluster(inv("a"), {"a": rep()}).precision == "fp32"
