@@ -294,9 +294,8 @@ def train_dry_run(session_plan, req: TrainRequest) -> str:
         else (_in_container_path(req.model, MODELS) if is_local(req.model) else req.model)
     )
     data = f"{DEMO_DATA}/train.txt" if req.data == DEMO else _in_container_path(req.data, DATA)
-    return launch.launch_spec(
-        session_plan, "deepfleet_node.train", train_args(req, model, data)
-    ).shell()
+    args = train_args(req, model, data, session_plan.precision)
+    return launch.launch_spec(session_plan, "deepfleet_node.train", args).shell()
 
 
 def _prompt_records(req: InferRequest) -> bytes:
