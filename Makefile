@@ -31,7 +31,7 @@ INFER_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(RUN),--run $(RUN)) \
 PROMPT ?= The lighthouse keeper
 
 .PHONY: setup docker venv images lab-up lab-down up status train infer down doctor fetch-model \
-        demo test \
+        demo test bench \
         test-unit test-node test-integration lint fmt clean
 
 setup: docker venv
@@ -74,6 +74,9 @@ doctor: venv
 
 fetch-model: venv
 	$(DF) fetch-model $(if $(RUN),--run $(RUN)) $(if $(DEST),--dest $(DEST))
+
+bench: setup
+	scripts/bench.sh
 
 demo: setup
 	scripts/demo.sh
