@@ -4,12 +4,25 @@ Pull where the reference names a registry the node can reach; otherwise stream t
 operator's copy over the node's SSH connection (docker save | docker load), skipped when
 the node already holds that exact image ID. An image with no registry host in its name
 (deepfleet/cpu:latest) is never pulled: that would ask Docker Hub for a local build.
+
+Streaming sends only the layers the node lacks: `docker load` reads a layer's tar only
+when the engine has no layer with that chain ID, so a rebuilt image whose lower layers
+the node already holds crosses the wire as its changed top layers alone.
 """
 
 from __future__ import annotations
 
+import io
+import json
+import os
+import tarfile
+import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
 
 from docker.errors import APIError, ImageNotFound
 
@@ -54,6 +67,89 @@ def _node_image_id(client, ref: str) -> str | None:
         return None
 
 
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(os.environ.get("DEEPFLEET_IMAGE_CACHE", Path(base) / "deepfleet" / "images"))
+
+
+_save_lock = threading.Lock()
+
+
+def saved_image(local, ref: str, image_id: str, keep: int = 2) -> Path:
+    """`docker save` of the image, once per image ID, kept in the cache for every node."""
+    directory = cache_dir()
+    path = directory / f"{image_id.split(':')[-1]}.tar"
+    with _save_lock:  # nodes stream in parallel; one of them saves
+        if path.exists():
+            return path
+        directory.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=directory, suffix=".part")
+        with os.fdopen(fd, "wb") as fh:
+            for chunk in local.api.get_image(ref, chunk_size=CHUNK):
+                fh.write(chunk)
+        os.replace(tmp, path)
+        old = sorted(directory.glob("*.tar"), key=lambda p: p.stat().st_mtime)[:-keep]
+        for stale in old:
+            stale.unlink(missing_ok=True)
+    return path
+
+
+def chain_ids(diff_ids: list[str]) -> list[str]:
+    """Docker's layer chain IDs: the layer's identity together with everything below it."""
+    chains = []
+    for diff in diff_ids:
+        chains.append(
+            diff if not chains else "sha256:" + sha256(f"{chains[-1]} {diff}".encode()).hexdigest()
+        )
+    return chains
+
+
+def node_chains(client) -> set[str]:
+    held: set[str] = set()
+    for image in client.images.list(all=True):
+        held.update(chain_ids(image.attrs.get("RootFS", {}).get("Layers") or []))
+    return held
+
+
+def layer_plan(archive: Path) -> list[tuple[str, str]]:
+    """(layer directory in the archive, chain ID) from the bottom layer up."""
+    with tarfile.open(archive) as tar:
+        manifest = json.load(tar.extractfile("manifest.json"))[0]
+        config = json.load(tar.extractfile(manifest["Config"]))
+    chains = chain_ids(config["rootfs"]["diff_ids"])
+    return [(Path(p).parts[0], c) for p, c in zip(manifest["Layers"], chains, strict=True)]
+
+
+def delta_archive(archive: Path, skip: set[str]) -> Path:
+    """A copy of the save archive without the layer directories in `skip`."""
+    fd, tmp = tempfile.mkstemp(dir=archive.parent, suffix=".delta.tar")
+    os.close(fd)
+    with tarfile.open(archive) as src, tarfile.open(tmp, "w") as out:
+        for member in src.getmembers():
+            top = Path(member.name).parts[0]
+            if top in skip:
+                continue
+            if member.issym() or member.islnk():
+                # a deduplicated layer may point into a skipped directory: send the bytes
+                data = src.extractfile(member)
+                if data is None:
+                    continue
+                copy = tarfile.TarInfo(member.name)
+                copy.size, copy.mode, copy.mtime = member.size, 0o644, member.mtime
+                payload = data.read()
+                copy.size = len(payload)
+                out.addfile(copy, io.BytesIO(payload))
+                continue
+            out.addfile(member, src.extractfile(member) if member.isfile() else None)
+    return Path(tmp)
+
+
+def _file_chunks(path: Path) -> Iterator[bytes]:
+    with path.open("rb") as fh:
+        while chunk := fh.read(CHUNK):
+            yield chunk
+
+
 class _Counter:
     """Wraps docker save's chunk stream to count what crosses the wire."""
 
@@ -67,8 +163,23 @@ class _Counter:
             yield chunk
 
 
-def stream_image(local, client, ref: str, node: str) -> int:
-    counter = _Counter(local.api.get_image(ref, chunk_size=CHUNK))
+def stream_image(local, client, ref: str, node: str, image_id: str) -> int:
+    archive = saved_image(local, ref, image_id)
+    held = node_chains(client)
+    skip = {directory for directory, chain in layer_plan(archive) if chain in held}
+    if skip:
+        delta = delta_archive(archive, skip)
+        try:
+            return _load(client, delta, ref, node)
+        except ImageError:
+            pass  # an engine that wants every layer (containerd image store): send them all
+        finally:
+            delta.unlink(missing_ok=True)
+    return _load(client, archive, ref, node)
+
+
+def _load(client, archive: Path, ref: str, node: str) -> int:
+    counter = _Counter(_file_chunks(archive))
     try:
         for message in client.api.load_image(counter):
             if "error" in message:
@@ -100,7 +211,7 @@ def ensure_image(local, client, ref: str, node: str, pull: str = "auto") -> Imag
             f"(build it with `make images`)",
             node,
         )
-    sent = stream_image(local, client, ref, node)
+    sent = stream_image(local, client, ref, node, want)
     got = _node_image_id(client, ref)
     if got != want:
         raise ImageError(f"after streaming, {ref} is {got} on the node, not {want}", node)

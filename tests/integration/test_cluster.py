@@ -150,3 +150,27 @@ def test_unknown_host_key_is_refused_and_leaves_nothing(cluster, tmp_path):
     assert len(err) == 1 and err[0].startswith("deepfleet: lab2: host key of root@"), err
     assert "not in" in err[0]
     assert not state.exists()
+
+
+def test_a_rebuilt_image_streams_only_its_new_layers(cluster, outer_docker, tmp_path):
+    import io
+
+    from deepfleet.connect import connect
+    from deepfleet.images import ensure_image
+    from deepfleet.inventory import resolve
+
+    dockerfile = b"FROM deepfleet/cpu:latest\nRUN echo rebuilt > /opt/deepfleet/rebuilt\n"
+    ref = "deepfleet-test/derived:1"
+    image, _ = outer_docker.images.build(fileobj=io.BytesIO(dockerfile), tag=ref, rm=True)
+    node = resolve(["lab1"], cluster.lab.ssh_config).nodes[0]
+    client = connect(node)
+    try:
+        result = ensure_image(outer_docker, client, ref, "lab1")
+        assert result.action == "streamed"
+        assert result.bytes_sent < 5_000_000, result.describe()  # vs ~2 GB for the whole image
+        assert client.images.get(ref).id == image.id
+        assert ensure_image(outer_docker, client, ref, "lab1").action == "present"
+    finally:
+        client.images.remove(ref, force=True)
+        client.close()
+        outer_docker.images.remove(ref, force=True)
