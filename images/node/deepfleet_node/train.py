@@ -464,12 +464,32 @@ def train_step(run: Run, step: int, window: Window) -> None:
         window.add_micro(loss, batch)
 
 
+_tensorboard = {}
+
+
+def tensorboard(out: Path):
+    """A SummaryWriter under OUTPUT/tensorboard when the tensorboard package is installed."""
+    if "writer" not in _tensorboard:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:  # optional: metrics.jsonl always has the same figures
+            _tensorboard["writer"] = None
+        else:
+            _tensorboard["writer"] = SummaryWriter(str(out / "tensorboard"))
+    return _tensorboard["writer"]
+
+
 def log_window(run: Run, step: int, lr: float, window: Window, rank: int) -> float:
     rec = metrics_record(step, lr, window, window.reduce(run.device), run.total - step)
     if rank == 0:
         print(log_line(rec, run.total), flush=True)
         with (run.out / "metrics.jsonl").open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
+        writer = tensorboard(run.out)
+        if writer is not None:
+            for key in ("loss", "lr", "tokens_per_s", "samples_per_s", "step_time_s"):
+                writer.add_scalar(f"train/{key}", rec[key], step)
+            writer.flush()
     return rec["loss"]
 
 
