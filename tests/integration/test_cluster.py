@@ -12,7 +12,7 @@ import re
 import subprocess
 
 import pytest
-from conftest import DEEPFLEET, ROOT
+from labtools import DEEPFLEET, ROOT
 
 pytestmark = pytest.mark.lab
 

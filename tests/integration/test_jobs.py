@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import DEEPFLEET, ROOT
+from labtools import DEEPFLEET, ROOT
 
 pytestmark = pytest.mark.lab
 

@@ -1,7 +1,7 @@
 import json
 
 import pytest
-from conftest import detect_report
+from unitdata import detect_report
 
 from deepfleet import hostfile, reports
 from deepfleet.errors import PlanError, ReportError

@@ -5,7 +5,7 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from conftest import detect_report
+from unitdata import detect_report
 
 from deepfleet import keys, transfer
 from deepfleet.errors import StateError
