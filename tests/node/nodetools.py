@@ -5,6 +5,7 @@ when several test folders run in one session)."""
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -80,3 +81,28 @@ def run_ranks(module: str, world: int, *args: str, node_dirs=None) -> list[str]:
 
 
 TRAIN_ARGS = ("--seq-len", "64", "--micro-batch", "4", "--lr", "3e-3", "--warmup-steps", "5")
+
+
+def run_launcher(module: str, procs: int, *args: str, port: int | None = None) -> str:
+    """Run `deepspeed --num_gpus N --module deepfleet_node.<module>` on this host.
+
+    The real launcher, unlike run_ranks, sets LOCAL_SIZE, which is what makes DeepSpeed
+    set up its CPU shared-memory all-reduce; its combined output.
+    """
+    sibling = Path(sys.executable).with_name("deepspeed")
+    launcher = str(sibling) if sibling.is_file() else shutil.which("deepspeed")
+    assert launcher, "no `deepspeed` launcher on PATH"
+    env = node_env()
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key)  # the launcher sets these per rank
+    proc = subprocess.run(
+        [launcher, "--num_gpus", str(procs), "--master_port", str(port or free_port()),
+         "--module", f"deepfleet_node.{module}", *map(str, args)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=SUBPROCESS_TIMEOUT_S,
+    )  # fmt: skip
+    output = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"launcher exited {proc.returncode}:\n{output[-6000:]}"
+    return output

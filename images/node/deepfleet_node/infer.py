@@ -1,22 +1,35 @@
-"""Batch text generation with a HF causal LM, on one process or as replicas.
+"""Batch text generation with a HF causal LM: one process, replicas, tensor or ZeRO-3 parallel.
 
     python -m deepfleet_node.infer --model DIR --prompt "Hello" --output out.jsonl
     deepspeed --hostfile H --module deepfleet_node.infer --model DIR --prompts p.jsonl ...
 
-Under the launcher every rank loads a full copy of the model ("replicas"), takes prompts
-round-robin, and rank 0 gathers and writes the results in input order. --reference runs
-the plain single-process transformers generate() that greedy results must match.
+--mode picks how the ranks started by the launcher share the work:
+
+  replicas  every rank loads a full copy of the model and takes prompts round-robin
+            (the default; throughput scales with ranks, each must fit the whole model)
+  tp        AutoTP tensor parallelism: each rank holds a slice of every layer and all
+            ranks run every prompt in lock-step (for one node whose devices are too small)
+  zero      ZeRO-3 inference: each rank holds 1/world of the weights and gathers each
+            layer just before using it; ranks take prompts round-robin and step together
+            (for models too large for one node, at the price of moving every layer's
+            weights over the network on every forward pass)
+
+In every mode rank 0 gathers and writes the results in input order. --reference runs the
+plain single-process transformers generate() that greedy results must match.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
 
 from ._log import say
+
+MODES = ("replicas", "tp", "zero")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -34,14 +47,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--stop", nargs="+", action="extend", default=[], help="cut at these strings")
     p.add_argument("--chat", action="store_true", help="wrap prompts in the chat template")
     p.add_argument("--dtype", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
-    p.add_argument("--no-deepspeed", action="store_true", help="skip deepspeed.init_inference")
+    p.add_argument(
+        "--mode",
+        choices=MODES,
+        default="replicas",
+        help="replicas: a full model per rank; tp: tensor parallel; zero: ZeRO-3 sharded",
+    )
+    p.add_argument(
+        "--no-deepspeed", action="store_true", help="skip deepspeed.init_inference (replicas)"
+    )
     p.add_argument(
         "--reference",
         action="store_true",
         help="plain single-process from_pretrained().generate(), greedy, for comparisons",
     )
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.no_deepspeed and args.mode != "replicas":
+        p.error(f"--no-deepspeed: --mode {args.mode} is DeepSpeed itself")
+    return args
 
 
 # ---------------------------------------------------------------- prompts and output
@@ -106,19 +130,73 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def init_replicas(local_rank: int | None) -> tuple[int, int]:
-    """(rank, world); a process group only when the launcher started several ranks."""
-    if world_size() == 1:
+def init_distributed(mode: str, local_rank: int | None) -> tuple[int, int]:
+    """(rank, world). Replicas need no process group on one rank; tp and zero always do."""
+    if mode == "replicas" and world_size() == 1:
         return 0, 1
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
+    from .train import ensure_dist_env
+
+    ensure_dist_env()
+    if local_rank is not None:
+        os.environ["LOCAL_RANK"] = str(local_rank)
     acc = get_accelerator()
-    if acc.device_name() != "cpu":
-        acc.set_device(local_rank if local_rank is not None else int(os.environ["LOCAL_RANK"]))
+    if acc.device_name() == "cpu":
+        if not uses_shm_allreduce(mode):
+            keep_shm_allreduce_off()
+    else:
+        acc.set_device(int(os.environ["LOCAL_RANK"]))
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
     return dist.get_rank(), dist.get_world_size()
+
+
+def uses_shm_allreduce(mode: str) -> bool:
+    """Whether DeepSpeed's CPU shared-memory all-reduce can and should serve this run.
+
+    Only AutoTP's all-reduce goes through it, and the op only sets up its shared buffers
+    when LOCAL_SIZE (set by the launcher) equals WORLD_SIZE, i.e. every rank is on one
+    host. Otherwise (ranks on several nodes, or started without the launcher) it reduces
+    through buffers it never set up and segfaults (DeepSpeed 0.19.8,
+    csrc/cpu/comm/shm_interface.cpp).
+    """
+    single_host = os.environ.get("LOCAL_SIZE") == os.environ.get("WORLD_SIZE", "1")
+    return mode == "tp" and single_host and world_size() > 1
+
+
+def keep_shm_allreduce_off() -> None:
+    """Keep DeepSpeed's CPU shm comm op unloaded; all-reduce then goes through gloo.
+
+    Loaded, the op also creates a 66 MiB /dev/shm segment per rank that DeepSpeed never
+    removes, even in runs that never use it.
+    """
+    import deepspeed.ops
+
+    # init_distributed loads the op only if this says it is compatible; DeepSpeed caches
+    # the dict on first use and documents that edits to it persist.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def remove_shm_segment(rank: int) -> None:
+    """Unlink this rank's DeepSpeed all-reduce segment, once no rank will touch it again.
+
+    DeepSpeed names it after uid, MASTER_ADDR, MASTER_PORT and rank and never unlinks
+    it, and node containers share the host's /dev/shm (ipc: host), so every run on a new
+    port would leave 66 MiB per rank of RAM-backed tmpfs behind. The mappings stay valid
+    until exit; if a DeepSpeed version names it differently this does nothing.
+    """
+    name = "_".join(
+        [
+            "deepspeed_allreduce_buffer",
+            str(os.getuid()),
+            os.environ.get("MASTER_ADDR", ""),
+            os.environ.get("MASTER_PORT", ""),
+            str(rank),
+        ]
+    )
+    Path("/dev/shm", name).unlink(missing_ok=True)
 
 
 def pick_dtype(requested: str):
@@ -134,20 +212,37 @@ def pick_dtype(requested: str):
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
 
 
-def load_generator(args: argparse.Namespace):
-    """(callable with .generate, its device, tokenizer)."""
+def accelerator_device():
     import torch
     from deepspeed.accelerator import get_accelerator
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    acc = get_accelerator()
+    return torch.device(acc.current_device_name() if acc.device_name() != "cpu" else "cpu")
+
+
+def load_generator(args: argparse.Namespace, world: int = 1):
+    """(object with .generate, its device, what must stay alive meanwhile, tokenizer)."""
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
     dtype = pick_dtype(args.dtype)
+    device = accelerator_device()
+    if args.mode == "zero":
+        return (*load_zero(args.model, dtype, device), tokenizer)
+    from transformers import AutoModelForCausalLM
+
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype).eval()
-    acc = get_accelerator()
-    device = torch.device(acc.current_device_name() if acc.device_name() != "cpu" else "cpu")
+    if args.mode == "tp":
+        return wrap_tensor_parallel(model, dtype, world), device, None, tokenizer
     if args.no_deepspeed:
-        return model.to(device), device, tokenizer
-    return wrap_inference(model, dtype, device), device, tokenizer
+        return model.to(device), device, None, tokenizer
+    return wrap_inference(model, dtype, device), device, None, tokenizer
+
+
+def max_tokens(model) -> int:
+    # InferenceEngine.generate refuses prompts longer than this (default 1024) even
+    # without kernel injection; the model's own limit is the real one.
+    return max(1024, int(getattr(model.config, "max_position_embeddings", 0) or 0))
 
 
 def wrap_inference(model, dtype, device):
@@ -155,12 +250,101 @@ def wrap_inference(model, dtype, device):
     import deepspeed
 
     try:
-        engine = deepspeed.init_inference(model, dtype=dtype, replace_with_kernel_inject=False)
+        engine = deepspeed.init_inference(
+            model, dtype=dtype, replace_with_kernel_inject=False, max_tokens=max_tokens(model)
+        )
     except Exception as exc:  # noqa: BLE001 - any failure here has the same fallback
         say(f"note: deepspeed.init_inference unavailable ({exc}); using the plain model")
         return model.to(device)
     say(f"using deepspeed.init_inference ({dtype}, no kernel injection)")
     return engine
+
+
+def wrap_tensor_parallel(model, dtype, world: int):
+    """AutoTP: DeepSpeed slices the linear layers over `world` ranks and all-reduces.
+
+    No fallback here, unlike replicas: a plain model on every rank would silently be
+    `world` replicas doing the same work.
+    """
+    import deepspeed
+
+    engine = deepspeed.init_inference(
+        model,
+        tensor_parallel={"tp_size": world},
+        dtype=dtype,
+        replace_with_kernel_inject=False,
+        max_tokens=max_tokens(model),
+    )
+    say(f"using deepspeed.init_inference AutoTP, tp_size {world} ({dtype})")
+    return engine
+
+
+def zero_inference_config(dtype, device) -> dict[str, Any]:
+    """A DeepSpeed config for ZeRO-3 with no optimizer: parameter partitioning only."""
+    import torch
+
+    zero: dict[str, Any] = {"stage": 3}
+    if device.type == "cpu":
+        # No side streams to overlap with on CPU.
+        zero["overlap_comm"] = False
+    return {
+        # Required by deepspeed.initialize even though nothing is trained.
+        "train_micro_batch_size_per_gpu": 1,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        "bf16": {"enabled": dtype == torch.bfloat16},
+        "fp16": {"enabled": dtype == torch.float16},
+        "zero_optimization": zero,
+    }
+
+
+class ZeroLoading:
+    """What transformers' from_pretrained consults to build a model under deepspeed.zero.Init.
+
+    transformers' own HfDeepSpeedConfig needs `accelerate`, which the node image does not
+    ship; from_pretrained only asks the registered object is_zero3() and for .config (the
+    dict it hands to zero.Init), so this stands in for it. Registered, from_pretrained
+    creates every parameter already partitioned; rank 0 memory-maps the checkpoint and
+    copies it in one module at a time (gather, copy, re-partition), and the other ranks
+    read only its keys and shapes. No rank ever allocates the whole model.
+    """
+
+    def __init__(self, ds_config: dict[str, Any]):
+        self.config = ds_config
+
+    def is_zero3(self) -> bool:
+        return True
+
+
+def zero3_loading(ds_config: dict[str, Any]):
+    """Register ZeRO-3 aware loading with transformers; keep the result alive while loading."""
+    from transformers.integrations import set_hf_deepspeed_config
+
+    try:
+        from transformers.integrations import HfDeepSpeedConfig
+
+        return HfDeepSpeedConfig(ds_config)
+    except ImportError:  # accelerate missing (PackageNotFoundError is an ImportError)
+        keep = ZeroLoading(ds_config)
+        # transformers holds only a weak reference; the caller keeps `keep` alive.
+        set_hf_deepspeed_config(keep)
+        return keep
+
+
+def load_zero(model_name: str, dtype, device):
+    """(ZeRO-3 engine's module, device, what must stay alive while generating)."""
+    import deepspeed
+    from transformers import AutoModelForCausalLM
+
+    ds_config = zero_inference_config(dtype, device)
+    keep_alive = zero3_loading(ds_config)
+    model = AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype)
+    partitioned = hasattr(next(model.parameters()), "ds_id")
+    engine, *_ = deepspeed.initialize(model=model, config=ds_config)
+    engine.module.eval()
+    how = "built under zero.Init" if partitioned else "loaded whole, then partitioned"
+    say(f"using ZeRO-3 inference ({dtype}); weights {how}")
+    return engine.module, engine.device, keep_alive
 
 
 def generation_kwargs(args: argparse.Namespace, tokenizer) -> dict[str, Any]:
@@ -169,9 +353,14 @@ def generation_kwargs(args: argparse.Namespace, tokenizer) -> dict[str, Any]:
     if sample:
         kwargs["temperature"] = args.temperature if args.temperature is not None else 1.0
         kwargs["top_p"] = args.top_p if args.top_p is not None else 1.0
-    if args.stop:
+    stops = [s for s in args.stop if s]  # "" would match at once and stop at one token
+    if stops:
         # Ends generation early; the text is still cut at the stop string afterwards.
-        kwargs.update(stop_strings=list(args.stop), tokenizer=tokenizer)
+        kwargs.update(stop_strings=stops, tokenizer=tokenizer)
+    if args.mode != "replicas":
+        # Every forward pass is collective here (all-reduce in tp, parameter all-gather in
+        # zero), so a rank whose sequence ended must keep stepping until all have ended.
+        kwargs["synced_gpus"] = True
     return kwargs
 
 
@@ -196,7 +385,8 @@ def generate_one(generator, device, tokenizer, args, index: int, prompt: str) ->
     import torch
     from transformers import set_seed
 
-    # Seeded per prompt, so sampled text does not depend on which rank got the prompt.
+    # Seeded per prompt, so sampled text does not depend on which rank got the prompt,
+    # and in tp every rank draws the same token from the same (all-reduced) logits.
     set_seed(args.seed + index)
     enc = {k: v.to(device) for k, v in encode_prompt(tokenizer, prompt, args.chat).items()}
     with torch.no_grad():
@@ -204,6 +394,21 @@ def generate_one(generator, device, tokenizer, args, index: int, prompt: str) ->
     row = result(index, prompt, tokenizer, out[0, enc["input_ids"].shape[1] :].cpu())
     row["completion"] = cut_at_stop(row["completion"], args.stop)
     return row
+
+
+def keep_in_step(generator, device, tokenizer) -> None:
+    """A throwaway generate, so a zero rank with no prompt left joins its peers' passes.
+
+    One new token is enough: synced_gpus keeps this rank stepping for as long as any
+    peer is still generating, and no longer.
+    """
+    import torch
+
+    enc = {k: v.to(device) for k, v in tokenizer("", return_tensors="pt").items()}
+    if enc["input_ids"].shape[1] == 0:  # a tokenizer that adds no BOS
+        enc = {k: v.to(device) for k, v in tokenizer(" ", return_tensors="pt").items()}
+    with torch.no_grad():
+        generator.generate(**enc, max_new_tokens=1, do_sample=False, synced_gpus=True)
 
 
 def gather_rows(rows: list[dict], rank: int, world: int) -> list[dict] | None:
@@ -219,21 +424,69 @@ def gather_rows(rows: list[dict], rank: int, world: int) -> list[dict] | None:
     return sorted((row for part in parts for row in part), key=lambda r: r["index"])
 
 
-def run(args: argparse.Namespace) -> None:
-    rank, world = init_replicas(args.local_rank)
-    prompts = read_prompts(args)
-    generator, device, tokenizer = load_generator(args)
+def check_ranks_agree(rows: list[dict], rank: int, world: int) -> list[dict] | None:
+    """tp: every rank generated every prompt; rank 0 gets the rows once all ranks match.
+
+    A mismatch means the ranks fed different tokens into the same all-reduces, so the
+    text is not what the model would have produced: fail, on every rank, rather than
+    write it.
+    """
+    if world == 1:
+        return rows
+    import torch.distributed as dist
+
+    parts: list[Any] = [None] * world
+    dist.all_gather_object(parts, rows)
+    bad = sorted(
+        {
+            mine["index"]
+            for part in parts[1:]
+            for mine, theirs in zip(parts[0], part, strict=True)
+            if mine != theirs
+        }
+    )
+    if bad:
+        raise RuntimeError(f"tensor-parallel ranks generated different text for prompts {bad}")
+    return rows if rank == 0 else None
+
+
+def generate_rows(args, generator, device, tokenizer, prompts, rank, world) -> list[dict]:
+    """This rank's rows: round-robin for replicas and zero, every prompt for tp."""
+    if args.mode == "tp":
+        return [
+            generate_one(generator, device, tokenizer, args, i, p) for i, p in enumerate(prompts)
+        ]
     mine = [(i, p) for i, p in enumerate(prompts) if i % world == rank]
     rows = [generate_one(generator, device, tokenizer, args, i, p) for i, p in mine]
-    merged = gather_rows(rows, rank, world)
+    if args.mode == "zero":
+        # Every rank must call generate equally often: the collectives inside pair up.
+        for _ in range(math.ceil(len(prompts) / world) - len(mine)):
+            keep_in_step(generator, device, tokenizer)
+    return rows
+
+
+def run(args: argparse.Namespace) -> None:
+    from .train import quiet_libraries
+
+    rank, world = init_distributed(args.mode, args.local_rank)
+    quiet_libraries(verbose=False)
+    prompts = read_prompts(args)
+    generator, device, _keep_alive, tokenizer = load_generator(args, world)
+    rows = generate_rows(args, generator, device, tokenizer, prompts, rank, world)
+    if args.mode == "tp":
+        merged = check_ranks_agree(rows, rank, world)
+    else:
+        merged = gather_rows(rows, rank, world)
     if merged is not None:
         write_jsonl(args.output, merged)
         show(merged)
         say(f"wrote {len(merged)} completions to {args.output}")
-    if world > 1:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
+    if dist.is_available() and dist.is_initialized():
         dist.barrier()
+        if device.type == "cpu" and uses_shm_allreduce(args.mode):
+            remove_shm_segment(rank)
         dist.destroy_process_group()
 
 

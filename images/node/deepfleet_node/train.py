@@ -109,6 +109,12 @@ def init_distributed(local_rank: int | None) -> tuple[int, int, str]:
     if acc.device_name() != "cpu":
         # Before any allocation, so zero.Init and NCCL land on this rank's GPU.
         acc.set_device(int(os.environ["LOCAL_RANK"]))
+    else:
+        # Training never uses DeepSpeed's CPU shm all-reduce (AutoTP inference does), and
+        # loading it leaves a 66 MiB /dev/shm segment per rank on the host behind.
+        from .infer import keep_shm_allreduce_off
+
+        keep_shm_allreduce_off()
     deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
     import torch.distributed as dist
 
