@@ -280,6 +280,11 @@ def parser() -> argparse.ArgumentParser:
     inf.add_argument(
         "--output", default="", help="local JSONL (default outputs/<run>-<time>.jsonl)"
     )
+    inf.add_argument("--slots", action="append", default=[], metavar="NODE=N")
+    inf.add_argument(
+        "--mode", default="auto", choices=("auto", "replicas", "tp", "zero"),
+        help="auto: replicas when the model fits one device, else tp in a node, else ZeRO-3",
+    )  # fmt: skip
     inf.add_argument("extra", nargs="*", help="passed to infer.py after --")
     inf.set_defaults(func=cmd_infer)
 

@@ -1,0 +1,39 @@
+from pathlib import Path
+
+import pytest
+
+from deepfleet import cli
+
+
+def test_every_job_option_the_makefile_passes_parses():
+    args = cli.parser().parse_args(
+        ["infer", "--run", "r", "--prompts", "p.jsonl", "--output", "o.jsonl",
+         "--max-new-tokens", "8", "--slots", "lab1=2 lab2=1", "--mode", "tp"]
+    )  # fmt: skip
+    assert cli._slots(args.slots) == {"lab1": 2, "lab2": 1} and args.mode == "tp"
+    args = cli.parser().parse_args(
+        ["train", "--model", "m", "--data", "d", "--config", "zero3", "--run", "r",
+         "--epochs", "2", "--slots", "a=1", "--save-every", "5", "--resume"]
+    )  # fmt: skip
+    assert args.epochs == 2.0 and args.resume and cli._slots(args.slots) == {"a": 1}
+
+
+def test_bad_slots_are_one_clear_error(capsys, tmp_path: Path):
+    code = cli.main(["--state-dir", str(tmp_path), "train", "--slots", "lab1:2"])
+    assert code == 1
+    assert capsys.readouterr().err.strip() == "deepfleet: --slots expects NODE=N, got 'lab1:2'"
+
+
+def test_commands_without_a_cluster_say_so(capsys, tmp_path: Path):
+    assert cli.main(["--state-dir", str(tmp_path / "none"), "status"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no cluster is up" in err[0]
+
+
+@pytest.mark.parametrize("node", ["x:99999", "@x", "x=tpu", "[fe80::1"])
+def test_bad_inventory_exits_1_with_one_line(capsys, tmp_path: Path, node):
+    code = cli.main(["--state-dir", str(tmp_path / "s"), "up", "--ssh-config", "/dev/null", node])
+    assert code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deepfleet: ")
+    assert not (tmp_path / "s").exists()
