@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from pathlib import Path
 
 import pytest
-from nodetools import NODE_DIR, TRAIN_ARGS, run_module
+from nodetools import NEW_TOKENS, NODE_DIR, PROMPTS, TRAIN_ARGS, run_module
 
 if NODE_DIR.is_dir():  # a checkout; inside the node image the package is installed
     sys.path.insert(0, str(NODE_DIR))
@@ -51,3 +52,25 @@ def zero2_run(tmp_path_factory, tiny_model, train_text) -> tuple[Path, str]:
         "--save-every", "20", *TRAIN_ARGS,
     )  # fmt: skip
     return out, log
+
+
+@pytest.fixture(scope="session")
+def model_dir(zero2_run) -> Path:
+    # A trained model: its greedy continuations are text, not one repeated token, and its
+    # top-1 logit leads by far more than tensor parallelism's rounding differences.
+    return zero2_run[0] / "final"
+
+
+@pytest.fixture(scope="session")
+def prompts_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
+    return path
+
+
+@pytest.fixture(scope="session")
+def reference(model_dir) -> list[dict]:
+    """Plain single-process transformers generate(): what every inference mode must equal."""
+    from deepfleet_node import infer
+
+    return infer.reference_generate(str(model_dir), PROMPTS, NEW_TOKENS)

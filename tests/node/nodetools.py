@@ -4,6 +4,7 @@ when several test folders run in one session)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -14,6 +15,15 @@ from pathlib import Path
 NODE_DIR = Path(__file__).resolve().parents[2] / "images" / "node"
 
 SUBPROCESS_TIMEOUT_S = 300
+
+# Five prompts of different lengths: 3 ranks get 2/2/1 of them and 2 ranks 3/2, so uneven
+# splits (a rank idling through a round) are exercised too.
+PROMPTS = ["The keeper", "The red boat", "Every morning the", "One day", "Nobody knows"]
+NEW_TOKENS = 12
+
+
+def read_jsonl(path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
 
 
 def free_port() -> int:

@@ -2,48 +2,21 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
-from nodetools import run_module, run_ranks  # noqa: E402
+from nodetools import NEW_TOKENS, PROMPTS, read_jsonl, run_module, run_ranks  # noqa: E402
 
 from deepfleet_node import infer  # noqa: E402
-
-PROMPTS = ["The keeper", "The red boat", "Every morning the", "One day", "Nobody knows"]
-NEW_TOKENS = 12
-
-
-@pytest.fixture(scope="module")
-def model_dir(zero2_run):
-    # A trained model: its greedy continuations are text, not one repeated token.
-    return zero2_run[0] / "final"
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    return infer.reference_generate(str(model_dir), PROMPTS, NEW_TOKENS)
-
-
-def read(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def in_process(tmp_path, model_dir, *args):
     out = tmp_path / "out.jsonl"
     infer.main(["--model", str(model_dir), "--output", str(out), *map(str, args)])
-    return read(out)
+    return read_jsonl(out)
 
 
 def test_reference_rows_are_complete(reference):
@@ -59,7 +32,7 @@ def test_greedy_cli_equals_reference(tmp_path, model_dir, prompts_file, referenc
         "infer", "--model", model_dir, "--prompts", prompts_file, "--output", out,
         "--max-new-tokens", NEW_TOKENS, "--greedy",
     )  # fmt: skip
-    assert read(out) == reference
+    assert read_jsonl(out) == reference
     assert "using deepspeed.init_inference" in log
     for row in reference:
         assert f"[{row['index']}] {row['prompt']} => {row['completion']}" in log
@@ -70,7 +43,7 @@ def test_reference_cli_writes_the_same_rows(tmp_path, model_dir, reference):
     args = [a for p in PROMPTS for a in ("--prompt", p)]
     run_module("infer", "--reference", "--model", model_dir, *args, "--output", out,
                "--max-new-tokens", NEW_TOKENS)  # fmt: skip
-    assert read(out) == reference
+    assert read_jsonl(out) == reference
 
 
 def test_two_replicas_split_prompts_and_keep_order(tmp_path, model_dir, prompts_file, reference):
@@ -79,7 +52,7 @@ def test_two_replicas_split_prompts_and_keep_order(tmp_path, model_dir, prompts_
         "infer", 2, "--model", model_dir, "--prompts", prompts_file, "--output", out,
         "--max-new-tokens", NEW_TOKENS,
     )  # fmt: skip
-    assert read(out) == reference
+    assert read_jsonl(out) == reference
     assert "=>" in logs[0] and "=>" not in logs[1]
 
 

@@ -3,7 +3,6 @@ transformers generate(), on real multi-rank DeepSpeed jobs over gloo."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
@@ -12,36 +11,13 @@ pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
-from nodetools import free_port, run_launcher, run_ranks  # noqa: E402
+from nodetools import NEW_TOKENS, free_port, read_jsonl, run_launcher, run_ranks  # noqa: E402
 
 from deepfleet_node import infer  # noqa: E402
 
-# Five prompts of different lengths: 3 ranks get 2/2/1 of them and 2 ranks 3/2, so the
-# uneven splits (a zero rank idling through a round) are exercised too.
-PROMPTS = ["The keeper", "The red boat", "Every morning the", "One day", "Nobody knows"]
-NEW_TOKENS = 12
 # The stop string ends some sampled continuations early, so in zero mode the two ranks'
 # prompts finish at different steps and synced_gpus must carry the early one along.
 SAMPLING = ("--temperature", "1.5", "--top-p", "0.95", "--seed", "7", "--stop", " the")
-
-
-@pytest.fixture(scope="module")
-def model_dir(zero2_run):
-    # A trained model: its greedy continuations are text, not one repeated token, and its
-    # top-1 logit leads by far more than tensor parallelism's rounding differences.
-    return zero2_run[0] / "final"
-
-
-@pytest.fixture(scope="module")
-def prompts_file(tmp_path_factory):
-    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
-    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in PROMPTS))
-    return path
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir):
-    return infer.reference_generate(str(model_dir), PROMPTS, NEW_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -50,13 +26,9 @@ def sampled(tmp_path_factory, model_dir, prompts_file):
     out = tmp_path_factory.mktemp("sampled") / "one.jsonl"
     infer.main(["--model", str(model_dir), "--prompts", str(prompts_file), "--output",
                 str(out), "--max-new-tokens", str(NEW_TOKENS), *SAMPLING])  # fmt: skip
-    rows = read(out)
+    rows = read_jsonl(out)
     assert len({r["tokens"] for r in rows}) > 1, "pick a stop string that ends some rows early"
     return rows
-
-
-def read(path):
-    return [json.loads(line) for line in path.read_text().splitlines()]
 
 
 def common(model_dir, prompts_file, out):
@@ -67,7 +39,7 @@ def common(model_dir, prompts_file, out):
 def test_replicas_on_three_ranks_equal_reference(tmp_path, model_dir, prompts_file, reference):
     out = tmp_path / "replicas.jsonl"
     logs = run_ranks("infer", 3, *common(model_dir, prompts_file, out))
-    assert read(out) == reference
+    assert read_jsonl(out) == reference
     assert "=>" in logs[0] and all("=>" not in log for log in logs[1:])
 
 
@@ -78,7 +50,7 @@ def test_tp_on_two_ranks_under_the_launcher_equals_reference(
     out = tmp_path / "tp.jsonl"
     port = free_port()
     log = run_launcher("infer", 2, "--mode", "tp", *common(model_dir, prompts_file, out), port=port)
-    assert read(out) == reference
+    assert read_jsonl(out) == reference
     assert "AutoTP, tp_size 2" in log
     assert "self_attn.o_proj" in log  # DeepSpeed's AutoTP report of the layers it split
     assert log.count("deepspeed_shm_comm_op built") == 2
@@ -95,14 +67,14 @@ def test_tp_sampling_over_gloo_is_seeded_like_one_process(
     logs = run_ranks("infer", 2, "--mode", "tp", *common(model_dir, prompts_file, out), *SAMPLING)
     assert "AutoTP, tp_size 2" in logs[0]
     assert not any("shm_comm_op" in log for log in logs)
-    assert read(out) == sampled
+    assert read_jsonl(out) == sampled
     assert sampled != reference  # it really sampled
 
 
 def test_zero_on_two_ranks_equals_reference(tmp_path, model_dir, prompts_file, reference):
     out = tmp_path / "zero.jsonl"
     logs = run_ranks("infer", 2, "--mode", "zero", *common(model_dir, prompts_file, out))
-    assert read(out) == reference
+    assert read_jsonl(out) == reference
     # Built partitioned (no rank held the whole model), not loaded whole and split after.
     assert "ZeRO-3 inference" in logs[0] and "built under zero.Init" in logs[0]
     assert "=>" not in logs[1]
@@ -111,7 +83,7 @@ def test_zero_on_two_ranks_equals_reference(tmp_path, model_dir, prompts_file, r
 def test_zero_sampling_is_seeded_like_one_process(tmp_path, model_dir, prompts_file, sampled):
     out = tmp_path / "zero-sampled.jsonl"
     run_ranks("infer", 2, "--mode", "zero", *common(model_dir, prompts_file, out), *SAMPLING)
-    assert read(out) == sampled
+    assert read_jsonl(out) == sampled
 
 
 def test_mode_flags():
