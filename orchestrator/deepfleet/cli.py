@@ -52,16 +52,10 @@ def cmd_up(args) -> int:
 def cmd_status(args) -> int:
     store = StateStore(args.state_dir)
     state = store.load()
+    states = cluster.container_states(state, args.timeout)
     rows = []
     for node in state.nodes:
-        try:
-            client = cluster.connect(node.spec, args.timeout)
-            try:
-                status = cluster.containers.state_of(client, node.container_name)
-            finally:
-                client.close()
-        except DeepfleetError as exc:
-            status = f"unreachable: {exc}"
+        status = states[node.spec.name]
         report = node.parsed_report() if node.report else None
         rows.append(
             {

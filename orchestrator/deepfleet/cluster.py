@@ -135,6 +135,20 @@ def open_session(store: StateStore, timeout: float = 15.0) -> Session:
     return Session(state, clients)
 
 
+def container_states(state: ClusterState, timeout: float) -> dict[str, str]:
+    """Each node's container state, asked of every node at once; unreachable ones say why."""
+
+    def ask(node: NodeState) -> str:
+        client = connect(node.spec, timeout)
+        try:
+            return containers.state_of(client, node.container_name)
+        finally:
+            client.close()
+
+    results, errors = fan_out(state.nodes, ask, lambda n: n.spec.name)
+    return {**results, **{name: f"unreachable: {exc}" for name, exc in errors.items()}}
+
+
 def _log(out, text: str) -> None:
     out.write(text + "\n")
     out.flush()

@@ -134,10 +134,9 @@ def delta_archive(archive: Path, skip: set[str]) -> Path:
                 data = src.extractfile(member)
                 if data is None:
                     continue
-                copy = tarfile.TarInfo(member.name)
-                copy.size, copy.mode, copy.mtime = member.size, 0o644, member.mtime
                 payload = data.read()
-                copy.size = len(payload)
+                copy = tarfile.TarInfo(member.name)
+                copy.size, copy.mode, copy.mtime = len(payload), 0o644, member.mtime
                 out.addfile(copy, io.BytesIO(payload))
                 continue
             out.addfile(member, src.extractfile(member) if member.isfile() else None)

@@ -6,10 +6,6 @@ from pathlib import Path
 
 from .errors import ImageError
 
-# Keys every node must agree on; detect reports them under `versions`.
-COMPARED = {"python": "PYTHON_VERSION", "torch": "TORCH_VERSION", "deepspeed": "DEEPSPEED_VERSION"}
-COMPARED["transformers"] = "TRANSFORMERS_VERSION"
-
 
 def images_dir() -> Path:
     return Path(__file__).resolve().parents[2] / "images"
