@@ -87,6 +87,10 @@ test: setup
 test-unit: venv
 	$(VENV)/bin/pytest -q tests/unit
 
+# The node image's tests inside deepfleet/$(FLAVOR) (builds it first): make test-node FLAVOR=cuda
+test-node: images
+	scripts/test-node.sh $(FLAVOR)
+
 lint: venv
 	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .
 

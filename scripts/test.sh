@@ -4,10 +4,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 make -s images || exit 1
-echo "==> node workload tests (inside deepfleet/cpu:latest)"
-docker run --rm --network none \
-  -v "$PWD/tests/node:/tests/node:ro" -e DEEPFLEET_IN_IMAGE=1 \
-  deepfleet/cpu:latest python -m pytest -q -p no:cacheprovider /tests/node
+scripts/test-node.sh cpu
 node_status=$?
 echo "==> unit and integration tests"
 .venv/bin/pytest -q tests/unit tests/integration "$@"

@@ -45,6 +45,24 @@ case "$FLAVOR" in
 esac
 # shellcheck disable=SC2086
 $pip install --find-links /opt/deepfleet/wheels $index "torch==${TORCH_VERSION}"
+if [ "$FLAVOR" = cuda ] && [ ! -x /usr/local/cuda/bin/nvcc ]; then
+  # Not NVIDIA's devel base: take nvcc and the CUDA headers from NVIDIA's wheels, at the
+  # CUDA release torch was built for, and make them the /usr/local/cuda that DeepSpeed's
+  # builders and torch's cpp_extension look for.
+  cuda="$(/opt/venv/bin/python -c 'import torch; print(torch.version.cuda or "")')"
+  major="${cuda%%.*}"
+  if [ -z "$cuda" ] || [ "$major" -lt 13 ]; then
+    echo "install-python: torch's CUDA ${cuda:-(none)} has no single-tree toolkit wheels;" \
+      "build the cuda image on NVIDIA's devel base (the default BASE_IMAGE)" >&2
+    exit 1
+  fi
+  $pip install --find-links /opt/deepfleet/wheels "cuda-toolkit[nvcc,cccl,cudart]==${cuda}.*"
+  tree="$(/opt/venv/bin/python -c "import nvidia, os; print(os.path.join(nvidia.__path__[0], 'cu${major}'))")"
+  ln -sfn lib "$tree/lib64"
+  ln -sf "libcudart.so.${major}" "$tree/lib/libcudart.so"
+  ln -sfn "$tree" /usr/local/cuda
+  /usr/local/cuda/bin/nvcc --version | tail -n 2
+fi
 # DeepSpeed's setup.py imports torch: build isolation would fetch a second torch.
 $pip install --find-links /opt/deepfleet/wheels --no-build-isolation \
   "torch==${TORCH_VERSION}" "deepspeed==${DEEPSPEED_VERSION}" \

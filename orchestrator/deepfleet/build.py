@@ -17,9 +17,11 @@ from .manifest import images_dir, read_manifest, torch_index
 
 FLAVORS = ("cpu", "cuda", "rocm")
 # BASE_IMAGE=local makes this Debian base with debootstrap where no registry is reachable.
-# Only the cpu image can use it: the GPU images need their vendor's toolchain, so for them
-# "local" means the public base their Dockerfile names from the manifest.
+# The cpu image and the cuda image (whose toolkit then comes from NVIDIA's wheels) can use
+# it. ROCm's compiler ships in no wheel, so for rocm "local" means the public base its
+# Dockerfile names from the manifest.
 LOCAL_BASE = "deepfleet/base:bookworm"
+LOCAL_BASE_FLAVORS = ("cpu", "cuda")
 # The local version label of the torch wheels built for each flavor (torch-X+cu126-...).
 TORCH_LABELS = {"cpu": "cpu", "cuda": "cu", "rocm": "rocm"}
 DEFAULT_CA_DIR = Path("/usr/local/share/ca-certificates")
@@ -44,9 +46,11 @@ class BuildRequest:
 
     def resolved_base(self) -> str:
         """The BASE_IMAGE build arg; empty leaves the Dockerfile's own default."""
+        if self.base_image == "vendor":
+            return ""
         if self.base_image != "local":
             return self.base_image
-        return LOCAL_BASE if self.flavor == "cpu" else ""
+        return LOCAL_BASE if self.flavor in LOCAL_BASE_FLAVORS else ""
 
     def resolved_torch_index(self, manifest: dict[str, str]) -> str:
         if self.torch_index_url:

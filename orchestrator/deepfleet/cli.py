@@ -295,7 +295,12 @@ def parser() -> argparse.ArgumentParser:
 
     bd = sub.add_parser("build-image", help="build a node image from images/")
     bd.add_argument("--flavor", default="cpu", choices=("cpu", "cuda", "rocm"))
-    bd.add_argument("--base-image", default="local", help="'local' makes a debootstrap base")
+    bd.add_argument(
+        "--base-image",
+        default="local",
+        help="'local' (default): a debootstrap Debian base (cpu, cuda); "
+        "'vendor': the Dockerfile's public base (nvidia/cuda, rocm/dev-ubuntu); or an image name",
+    )
     bd.add_argument("--ca-dir", default="/usr/local/share/ca-certificates")
     bd.add_argument("--wheelhouse", default="/opt/wheels" if Path("/opt/wheels").is_dir() else "")
     bd.add_argument("--torch-index-url", default="")

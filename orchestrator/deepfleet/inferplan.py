@@ -7,8 +7,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .compat import usable_gpus
 from .errors import PlanError
-from .plan import ACCELERATOR_VENDOR, ClusterPlan
+from .plan import ClusterPlan
 from .reports import NodeReport
 
 MODES = ("auto", "replicas", "tp", "zero")
@@ -26,8 +27,7 @@ class InferencePlan:
 
 def _device_memory(report: NodeReport, slots: int) -> list[int]:
     """Memory of each device a replica could use on this node."""
-    vendor = ACCELERATOR_VENDOR.get(report.accelerator)
-    gpus = [g.memory_bytes or 0 for g in report.gpus if g.vendor == vendor]
+    gpus = [g.memory_bytes or 0 for g in usable_gpus(report)]
     if gpus:
         return gpus
     return [report.memory_bytes]  # CPU: the node's RAM is one device

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from .compat import effective_accelerator, node_problems, usable_gpus
 from .errors import PlanError
 from .inventory import Inventory
 from .reports import NodeReport
@@ -21,9 +22,6 @@ RUN_DIR = "/workspace/.deepfleet"
 HOSTFILE = f"{RUN_DIR}/hostfile"
 COMPARED_VERSIONS = ("python", "torch", "deepspeed", "transformers")
 BACKENDS = {"cuda": "nccl", "rocm": "nccl", "cpu": "gloo"}  # RCCL answers to "nccl" in torch
-
-
-ACCELERATOR_VENDOR = {"cuda": "nvidia", "rocm": "amd"}
 
 
 @dataclass(frozen=True)
@@ -47,12 +45,7 @@ def _bf16(gpu) -> bool:
 
 def choose_precision(reports: Mapping[str, NodeReport], names: list[str]) -> str:
     """One precision for the whole job: every rank must agree or ZeRO's buffers do not match."""
-    gpus = [
-        g
-        for n in names
-        for g in reports[n].gpus
-        if g.vendor == ACCELERATOR_VENDOR.get(reports[n].accelerator)
-    ]
+    gpus = [g for n in names for g in usable_gpus(reports[n])]
     if not gpus:
         return "fp32"
     return "bf16" if all(_bf16(g) for g in gpus) else "fp16"
@@ -107,14 +100,17 @@ def check_versions(reports: Mapping[str, NodeReport]) -> None:
         raise PlanError("node versions differ: " + "; ".join(problems))
 
 
-def usable_gpus(report: NodeReport) -> int:
-    """GPUs the image's torch can drive: an iGPU of another vendor does not count."""
-    vendor = ACCELERATOR_VENDOR.get(report.accelerator)
-    return sum(1 for gpu in report.gpus if gpu.vendor == vendor)
-
-
 def slots_for(report: NodeReport, cpu_slots: int) -> int:
-    return usable_gpus(report) or cpu_slots
+    return len(usable_gpus(report)) or cpu_slots
+
+
+def check_compat(reports: Mapping[str, NodeReport], names: list[str]) -> None:
+    """Refuse nodes whose driver or GPUs cannot run their image's torch, naming the fix."""
+    problems = [(name, p) for name in names for p in node_problems(reports[name])]
+    if len(problems) == 1:
+        raise PlanError(problems[0][1], problems[0][0])
+    if problems:
+        raise PlanError("; ".join(f"{name}: {p}" for name, p in problems))
 
 
 def plan_cluster(
@@ -142,10 +138,17 @@ def plan_cluster(
         if count == 0:  # left out of this job
             continue
         nodes.append(
-            PlannedNode(spec.name, spec.host, count, report.accelerator, usable_gpus(report))
+            PlannedNode(
+                spec.name,
+                spec.host,
+                count,
+                effective_accelerator(report),
+                len(usable_gpus(report)),
+            )
         )
     if not nodes:
         raise PlanError("every node has 0 slots: nothing would run")
+    check_compat(reports, [n.name for n in nodes])
     accelerators = {n.accelerator for n in nodes}
     if len(accelerators) > 1:
         kinds = ", ".join(f"{n.name}={n.accelerator}" for n in nodes)

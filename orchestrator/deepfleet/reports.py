@@ -17,6 +17,7 @@ class GPU:
     name: str
     memory_bytes: int | None = None
     driver: str | None = None
+    runtime: str | None = None  # NVIDIA: the newest CUDA the driver runs; AMD: ROCm release
     compute_capability: str | None = None
     gfx_target: str | None = None
     pci_bus_id: str | None = None
@@ -33,6 +34,8 @@ class NodeReport:
     gpus: tuple[GPU, ...]
     versions: dict[str, str | None] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
+    # GPU architectures the image's torch carries kernels for (sm_90, gfx942, ...)
+    torch_arch_list: tuple[str, ...] = ()
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -54,6 +57,7 @@ def _gpu(raw: dict) -> GPU:
         name=str(raw.get("name") or "unknown"),
         memory_bytes=int(raw["memory_bytes"]) if raw.get("memory_bytes") is not None else None,
         driver=raw.get("driver"),
+        runtime=raw.get("runtime"),
         compute_capability=raw.get("compute_capability"),
         gfx_target=raw.get("gfx_target"),
         pci_bus_id=raw.get("pci_bus_id"),
@@ -87,6 +91,7 @@ def parse(text: str | bytes, node: str | None = None) -> NodeReport:
                 for k, v in (raw.get("versions") or {}).items()
             },
             errors=tuple(f"{e.get('tool')}: {e.get('error')}" for e in raw.get("errors") or ()),
+            torch_arch_list=tuple(str(a) for a in raw.get("torch_arch_list") or ()),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ReportError(f"detect report is missing or has a bad field: {exc}", node) from exc

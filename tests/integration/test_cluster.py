@@ -152,6 +152,25 @@ def test_unknown_host_key_is_refused_and_leaves_nothing(cluster, tmp_path):
     assert not state.exists()
 
 
+def test_cuda_asked_of_a_machine_without_nvidia_is_refused_before_anything_starts(
+    cluster, tmp_path
+):
+    state = tmp_path / "state"
+    result = subprocess.run(
+        [*DEEPFLEET, "--state-dir", str(state), "up", "--ssh-config", str(cluster.lab.ssh_config),
+         "--image", "deepfleet/cpu:latest", "lab2=cuda"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 1
+    err = result.stderr.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("deepfleet: lab2: "), err
+    assert "/dev/nvidia" in err[0] and "NVIDIA container toolkit" in err[0]
+    assert not state.exists()
+    # the running cluster's container on that machine was not touched
+    code, out = cluster.node_exec(1, ["true"])
+    assert code == 0, out
+
+
 def test_a_rebuilt_image_streams_only_its_new_layers(cluster, outer_docker, tmp_path):
     import io
 

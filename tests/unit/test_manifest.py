@@ -133,6 +133,11 @@ def default_base(text: str, manifest: dict[str, str]) -> str:
     raise AssertionError("no BASE_IMAGE default")
 
 
+# Variables only one toolchain has (the cuda image points its own and torch's builders at
+# the toolkit, which may come from wheels rather than the base).
+FLAVOR_ONLY_ENV = {"cuda": {"CUDA_HOME"}}
+
+
 def layout(text: str, flavor: str) -> dict[str, object]:
     """What must be the same in every flavor's Dockerfile, the flavor's name masked."""
     body = instructions(text)
@@ -147,7 +152,7 @@ def layout(text: str, flavor: str) -> dict[str, object]:
         "RUN": [
             args.replace(f"FLAVOR={flavor} ", "FLAVOR=* ") for word, args in body if word == "RUN"
         ],
-        "ENV": sorted(env),
+        "ENV": sorted(set(env) - FLAVOR_ONLY_ENV.get(flavor, set())),
         "flavor": env.get("DEEPFLEET_FLAVOR") == flavor,
         "rest": [(w, a) for w, a in body if w in ("WORKDIR", "EXPOSE", "ENTRYPOINT", "CMD")],
     }
@@ -171,10 +176,21 @@ def test_manifest_holds_every_version(manifest):
         assert manifest.get(key), key
 
 
+# The CUDA release of PyPI's own Linux torch wheels (its METADATA requires cuda-toolkit 13.0).
+PYPI_TORCH_CUDA = {"2.13": "13.0"}
+
+
 def test_gpu_torch_indexes_match_the_base_toolkits(manifest):
     # DeepSpeed refuses to compile ops when nvcc's major.minor differs from torch's CUDA.
     cuda_major, cuda_minor = manifest["CUDA_VERSION"].split(".")[:2]
-    assert manifest["TORCH_INDEX_CUDA"].rstrip("/").endswith(f"/cu{cuda_major}{cuda_minor}")
+    index = manifest["TORCH_INDEX_CUDA"].rstrip("/")
+    if index.startswith("https://pypi.org/"):
+        # PyPI carries one CUDA build per torch release (its wheels name no +cuXY label);
+        # a torch bump must re-check it here.
+        torch_minor = ".".join(manifest["TORCH_VERSION"].split(".")[:2])
+        assert PYPI_TORCH_CUDA[torch_minor] == f"{cuda_major}.{cuda_minor}"
+    else:
+        assert index.endswith(f"/cu{cuda_major}{cuda_minor}")
     rocm_major, rocm_minor = manifest["ROCM_VERSION"].split(".")[:2]
     assert manifest["TORCH_INDEX_ROCM"].rstrip("/").endswith(f"/rocm{rocm_major}.{rocm_minor}")
     assert manifest["TORCH_INDEX_CPU"].rstrip("/").endswith("/cpu")
@@ -261,9 +277,9 @@ def test_every_shared_file_is_copied():
     ("old", "new", "complaint"),
     [
         (
-            "ARG BASE_IMAGE=nvidia/cuda:${CUDA_VERSION}-cudnn-devel-ubuntu${UBUNTU_VERSION}",
-            "ARG BASE_IMAGE=nvidia/cuda:12.6.3-cudnn-devel-ubuntu22.04",
-            "version literal '12.6'",
+            "ARG BASE_IMAGE=nvidia/cuda:${CUDA_VERSION}-devel-ubuntu${UBUNTU_VERSION}",
+            "ARG BASE_IMAGE=nvidia/cuda:13.0.1-devel-ubuntu22.04",
+            "version literal '13.0'",
         ),
         ("ARG TORCH_VERSION\n", "ARG TORCH_VERSION=2.13.0\n", "version literal '2.13'"),
         ("ARG TORCH_VERSION\n", "ARG CUDNN_VERSION\n", "ARG CUDNN_VERSION is neither"),
@@ -349,11 +365,15 @@ def test_missing_torch_index_is_an_image_error(manifest):
     assert torch_index(manifest, "cuda") == manifest["TORCH_INDEX_CUDA"]
 
 
-def test_local_base_is_for_cpu_only(manifest):
-    assert build_args(BuildRequest(flavor="cpu"), manifest)["BASE_IMAGE"] == LOCAL_BASE
+def test_local_base_is_for_cpu_and_cuda(manifest):
+    # cuda takes its toolkit from NVIDIA's wheels there; ROCm's compiler is in no wheel
+    for flavor in ("cpu", "cuda"):
+        assert build_args(BuildRequest(flavor=flavor), manifest)["BASE_IMAGE"] == LOCAL_BASE
+    assert "BASE_IMAGE" not in build_args(BuildRequest(flavor="rocm"), manifest)
     for flavor in ("cuda", "rocm"):
-        # the Dockerfile's manifest-built default applies
-        assert "BASE_IMAGE" not in build_args(BuildRequest(flavor=flavor), manifest)
+        # 'vendor': the Dockerfile's manifest-built default applies
+        req = BuildRequest(flavor=flavor, base_image="vendor")
+        assert "BASE_IMAGE" not in build_args(req, manifest)
         req = BuildRequest(flavor=flavor, base_image="mirror.local/base:1")
         assert build_args(req, manifest)["BASE_IMAGE"] == "mirror.local/base:1"
 

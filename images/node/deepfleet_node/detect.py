@@ -1448,6 +1448,11 @@ out["torch"] = str(torch.__version__)
 out["cuda"] = getattr(torch.version, "cuda", None)
 out["hip"] = getattr(torch.version, "hip", None)
 try:
+    # The GPU architectures the wheel carries kernels for; known without a device.
+    out["arch_list"] = (torch._C._cuda_getArchFlags() or "").split()
+except BaseException:
+    out["arch_list"] = []
+try:
     out["xpu"] = bool(hasattr(torch, "xpu") and torch.xpu.is_available())
 except BaseException:
     out["xpu"] = False
@@ -1750,6 +1755,11 @@ def collect(
         torch_info = _guarded(ctx, "torch", lambda: _probe_torch(ctx, torch_timeout), None)
     if torch_info and torch_info.get("torch") and not versions["torch"]:
         versions["torch"] = torch_info["torch"]
+    # The toolkit the image's torch was built with: the orchestrator checks each node's
+    # driver and GPU architecture against it.
+    versions["cuda"] = (torch_info or {}).get("cuda")
+    versions["hip"] = (torch_info or {}).get("hip")
+    arch_list = [str(a) for a in (torch_info or {}).get("arch_list") or []]
     accelerator = _accelerator(torch_info, versions["torch"], _dist_requires("torch"))
 
     nvidia = _guarded(ctx, "nvidia-smi", lambda: _collect_nvidia(ctx), [])
@@ -1797,6 +1807,7 @@ def collect(
         "gpus": [_report_gpu(gpu) for gpu in gpus],
         "visible_devices": {k: env[k] for k in VISIBLE_ENV_VARS if k in env},
         "versions": versions,
+        "torch_arch_list": arch_list,
         "errors": ctx.errors,
         "notes": list(dict.fromkeys(ctx.notes)),
     }
@@ -1838,7 +1849,10 @@ def minimal_report(error: str) -> dict:
             "torch": None,
             "deepspeed": None,
             "transformers": None,
+            "cuda": None,
+            "hip": None,
         },
+        "torch_arch_list": [],
         "errors": [{"tool": "detect", "error": _one_line(error)}],
         "notes": [],
     }
@@ -1920,8 +1934,12 @@ def validate_report(report: Any) -> list[str]:
         check(typed(versions.get("python"), (str,)), "versions.python")
         for key in ("torch", "deepspeed", "transformers"):
             check(key in versions and typed(versions[key], (str,), True), f"versions.{key}")
+        for key in ("cuda", "hip"):  # optional: reports from before these were added
+            check(typed(versions.get(key), (str,), True), f"versions.{key}")
     else:
         problems.append("versions is not an object")
+    archs = report.get("torch_arch_list", [])
+    check(isinstance(archs, list) and all(isinstance(a, str) for a in archs), "torch_arch_list")
     errors = report.get("errors")
     check(
         isinstance(errors, list)
