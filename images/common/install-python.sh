@@ -75,9 +75,12 @@ assert torch.__version__.split("+")[0] == "${TORCH_VERSION}", torch.__version__
 assert deepspeed.__version__ == "${DEEPSPEED_VERSION}", deepspeed.__version__
 assert transformers.__version__ == "${TRANSFORMERS_VERSION}", transformers.__version__
 flavor = "${FLAVOR}"
+# The image's labels promise the manifest's CUDA / ROCm release: torch must be built for it.
 if flavor == "cuda":
-    assert torch.version.cuda, f"torch {torch.__version__} is not a CUDA build"
+    want = ".".join("${CUDA_VERSION:-}".split(".")[:2])
+    assert torch.version.cuda == want, f"torch {torch.__version__} is CUDA {torch.version.cuda}, not {want}"
 if flavor == "rocm":
-    assert torch.version.hip, f"torch {torch.__version__} is not a ROCm build"
+    want = ".".join("${ROCM_VERSION:-}".split(".")[:2])
+    assert ((torch.version.hip or "") + ".").startswith(want + "."), f"torch {torch.__version__} is HIP {torch.version.hip}, not ROCm {want}"
 print("torch", torch.__version__, "deepspeed", deepspeed.__version__, "transformers", transformers.__version__)
 PY

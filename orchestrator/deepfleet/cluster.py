@@ -202,11 +202,16 @@ def up(inventory: Inventory, store: StateStore, opts: UpOptions, out=sys.stdout)
 def _choose_flavors(state: ClusterState, clients: dict, opts: UpOptions, out) -> None:
     """Each node's flavor from its machine's devices, unless the user named one."""
 
+    cuda_image = image_for("cuda", opts)
+    # read here, before anything is shipped: a driver too old for it fails now, not after
+    # gigabytes have been streamed
+    image_cuda = _local_labels(cuda_image).get(images.CUDA_LABEL)
+
     def choose(node: NodeState):
         name = node.spec.name
         facts = hostprobe.probe(clients[name], name, run_host)
         flavor = hostprobe.choose_flavor(facts, node.spec.flavor or opts.default_flavor)
-        found = hostprobe.problems(facts, flavor)
+        found = hostprobe.problems(facts, flavor, cuda_image, image_cuda)
         if found:
             raise ContainerError("; ".join(found), name)
         return flavor
@@ -216,6 +221,18 @@ def _choose_flavors(state: ClusterState, clients: dict, opts: UpOptions, out) ->
     for node in state.nodes:
         node.flavor = results[node.spec.name]
         _log(out, f"[{node.spec.name}] flavor {node.flavor}")
+
+
+def _local_labels(ref: str) -> dict[str, str]:
+    """Labels of an image in this machine's engine; {} without the image or the engine."""
+    try:
+        local = docker.from_env(timeout=30)
+    except docker.errors.DockerException:
+        return {}
+    try:
+        return images.local_labels(local, ref)
+    finally:
+        local.close()
 
 
 def _put_images(state: ClusterState, clients: dict, opts: UpOptions, out) -> None:

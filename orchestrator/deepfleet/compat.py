@@ -38,17 +38,39 @@ def _major_minor(version: str | None) -> tuple[int, int] | None:
     return (int(match.group(1)), int(match.group(2))) if match else None
 
 
-def driver_cuda_major(gpu: GPU) -> int | None:
-    """The newest CUDA major the driver runs: nvidia-smi says so, or its version implies it."""
-    runtime = _major_minor(gpu.runtime)
-    if runtime:
-        return runtime[0]
-    match = re.match(r"^\s*(\d+)\.", gpu.driver or "")
+def cuda_major_of_driver(driver: str | None) -> int | None:
+    """The newest CUDA major a Linux driver branch runs (535.104.05 -> 12)."""
+    match = re.match(r"^\s*(\d+)\.", driver or "")
     if not match:
         return None
     branch = int(match.group(1))
     fits = [major for major, floor in MIN_DRIVER.items() if branch >= int(floor)]
     return max(fits) if fits else None
+
+
+def driver_cuda_major(gpu: GPU) -> int | None:
+    """The newest CUDA major the driver runs: nvidia-smi says so, or its version implies it."""
+    runtime = _major_minor(gpu.runtime)
+    return runtime[0] if runtime else cuda_major_of_driver(gpu.driver)
+
+
+def driver_shortfall(driver: str | None, runs: str, has: int, needed: str, what: str) -> str:
+    """The one line for a driver older than an image's CUDA major, with both fixes."""
+    floor = MIN_DRIVER.get(_major_minor(needed)[0]) if _major_minor(needed) else None
+    return (
+        f"driver {driver or '?'} runs {runs}, {what} is built for CUDA {needed}"
+        + (f" (driver {floor}+)" if floor else "")
+        + f": update the driver, or build the cuda image for CUDA {has}.x"
+    )
+
+
+def host_driver_problem(driver: str | None, image_cuda: str | None, image: str) -> str | None:
+    """Before anything is shipped: the host's driver against the image's CUDA label."""
+    needed = _major_minor(image_cuda)
+    has = cuda_major_of_driver(driver)
+    if not needed or has is None or has >= needed[0]:
+        return None
+    return driver_shortfall(driver, f"CUDA {has}.x", has, str(image_cuda), image)
 
 
 def driver_problem(report: NodeReport, gpu: GPU) -> str | None:
@@ -57,13 +79,9 @@ def driver_problem(report: NodeReport, gpu: GPU) -> str | None:
     has = driver_cuda_major(gpu)
     if report.accelerator != "cuda" or not needed or has is None or has >= needed[0]:
         return None
-    floor = MIN_DRIVER.get(needed[0])
     runs = f"CUDA up to {gpu.runtime}" if gpu.runtime else f"CUDA {has}.x"
-    return (
-        f"driver {gpu.driver or '?'} runs {runs}, the image's torch is built "
-        f"for CUDA {report.versions['cuda']}"
-        + (f" (driver {floor}+)" if floor else "")
-        + f": update the driver, or build the cuda image for CUDA {has}.x"
+    return driver_shortfall(
+        gpu.driver, runs, has, str(report.versions["cuda"]), "the image's torch"
     )
 
 

@@ -54,10 +54,13 @@ def check_node(node: NodeSpec, local, image: str | None, cluster_up: bool, timeo
         gpus = f"{facts.nvidia_gpus} NVIDIA" if facts.nvidia_gpus else (
             "AMD (/dev/kfd)" if facts.has_amd else "none"
         )  # fmt: skip
+        if facts.nvidia_driver:
+            gpus += f", driver {facts.nvidia_driver}"
         add("gpus", "ok", f"{gpus}; flavor {flavor}")
-        for problem in hostprobe.problems(facts, flavor):
-            add("gpu passthrough", "FAIL", problem)
         ref = image or f"deepfleet/{flavor}:latest"
+        labels = images.local_labels(local, ref)
+        for problem in hostprobe.problems(facts, flavor, ref, labels.get(images.CUDA_LABEL)):
+            add("gpu passthrough", "FAIL", problem)
         want = images.local_image_id(local, ref) if local is not None else None
         try:
             have = client.images.get(ref).id

@@ -7,8 +7,10 @@ SSH connection; `choose_flavor` and `problems` are pure and tested on recorded f
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
+from .compat import host_driver_problem
 from .errors import ContainerError
 
 # POSIX sh, read-only, no sudo: device nodes and tools on the host.
@@ -20,8 +22,12 @@ for t in nvidia-smi nvidia-ctk nvidia-container-cli nvidia-container-runtime-hoo
   command -v "$t" >/dev/null 2>&1 && echo "tool=$t"
 done
 echo "arch=$(uname -m)"
+# the loaded NVIDIA kernel module, world-readable: no nvidia-smi needed on the host
+[ -r /proc/driver/nvidia/version ] && echo "nvidia_version=$(head -n 1 /proc/driver/nvidia/version)"
 true
 """
+# "NVRM version: NVIDIA UNIX [Open Kernel Module for ]x86_64 Kernel Module  580.65.06  ..."
+_NVRM = re.compile(r"Kernel Module.*?\s(\d{3,}\.\d+(?:\.\d+)?)\b")
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,7 @@ class HostFacts:
     default_runtime: str = ""
     cdi_spec_dirs: tuple[str, ...] = ()
     docker_version: str = ""
+    nvidia_driver: str = ""  # the loaded kernel module's version, when there is one
 
     @property
     def nvidia_gpus(self) -> int:
@@ -51,7 +58,7 @@ class HostFacts:
 
 
 def parse_probe(text: str, info: dict) -> HostFacts:
-    devices, tools, arch = set(), set(), ""
+    devices, tools, arch, driver = set(), set(), "", ""
     for line in text.splitlines():
         key, _, value = line.strip().partition("=")
         if key == "dev":
@@ -60,6 +67,9 @@ def parse_probe(text: str, info: dict) -> HostFacts:
             tools.add(value)
         elif key == "arch":
             arch = value
+        elif key == "nvidia_version":
+            match = _NVRM.search(value)
+            driver = match.group(1) if match else ""
     return HostFacts(
         devices=frozenset(devices),
         tools=frozenset(tools),
@@ -68,6 +78,7 @@ def parse_probe(text: str, info: dict) -> HostFacts:
         default_runtime=str(info.get("DefaultRuntime") or ""),
         cdi_spec_dirs=tuple(info.get("CDISpecDirs") or ()),
         docker_version=str(info.get("ServerVersion") or ""),
+        nvidia_driver=driver,
     )
 
 
@@ -82,12 +93,17 @@ def choose_flavor(facts: HostFacts, override: str | None = None) -> str:
     return "cpu"
 
 
-def problems(facts: HostFacts, flavor: str) -> list[str]:
-    """What stops a container of this flavor from seeing the machine's GPUs."""
+def problems(
+    facts: HostFacts, flavor: str, image: str = "", image_cuda: str | None = None
+) -> list[str]:
+    """What stops a container of this flavor (and image) from using the machine's GPUs."""
     found = []
     if flavor == "cuda":
         if not facts.nvidia_gpus:
             found.append("flavor cuda asked for, but the machine shows no /dev/nvidia* GPU")
+        short = host_driver_problem(facts.nvidia_driver, image_cuda, image or "the image")
+        if short:
+            found.append(short)
         if not facts.nvidia_toolkit:
             found.append(
                 "NVIDIA GPUs need the NVIDIA container toolkit on the host "

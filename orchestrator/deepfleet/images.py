@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from hashlib import sha256
 from pathlib import Path
 
-from docker.errors import APIError, ImageNotFound
+from docker.errors import APIError, DockerException, ImageNotFound
 
 from .errors import ImageError
 
@@ -58,6 +58,20 @@ def local_image_id(local, ref: str) -> str | None:
         return local.images.get(ref).id
     except ImageNotFound:
         return None
+
+
+# Set by images/Dockerfile.cuda from the manifest: the CUDA release its torch is built for.
+CUDA_LABEL = "ai.deepfleet.cuda"
+
+
+def local_labels(local, ref: str) -> dict[str, str]:
+    """The labels of an image on this machine ({} when it is not here)."""
+    if local is None:
+        return {}
+    try:
+        return dict(local.images.get(ref).labels or {})
+    except DockerException:  # not here, or the engine would not say: nothing to go on
+        return {}
 
 
 def _node_image_id(client, ref: str) -> str | None:

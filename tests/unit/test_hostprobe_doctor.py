@@ -39,6 +39,37 @@ def test_nvidia_without_toolkit_is_a_problem_with_the_fix():
     assert "NVIDIA container toolkit" in problem and "nvidia-ctk runtime configure" in problem
 
 
+# /proc/driver/nvidia/version's first line, proprietary and open kernel modules
+NVRM_535 = (
+    "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023"
+)
+NVRM_OPEN_580 = (
+    "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  "
+    "(dvs-builder@U16-I3-B03-4-3)  Sun Jul 27 06:54:38 UTC 2025"
+)
+
+
+@pytest.mark.parametrize(
+    ("line", "driver"), [(NVRM_535, "535.104.05"), (NVRM_OPEN_580, "580.65.06")]
+)
+def test_driver_version_from_the_kernel_module(line, driver):
+    facts = hostprobe.parse_probe(NVIDIA_HOST + f"nvidia_version={line}\n", INFO_NVIDIA)
+    assert facts.nvidia_driver == driver
+
+
+def test_a_driver_older_than_the_images_cuda_is_refused_before_shipping():
+    old = hostprobe.parse_probe(NVIDIA_HOST + f"nvidia_version={NVRM_535}\n", INFO_NVIDIA)
+    (problem,) = hostprobe.problems(old, "cuda", "deepfleet/cuda:latest", "13.0.1")
+    assert problem == (
+        "driver 535.104.05 runs CUDA 12.x, deepfleet/cuda:latest is built for CUDA 13.0.1 "
+        "(driver 580+): update the driver, or build the cuda image for CUDA 12.x"
+    )
+    assert hostprobe.problems(old, "cuda", "deepfleet/cuda:latest", "12.6.3") == []
+    assert hostprobe.problems(old, "cuda", "deepfleet/cuda:latest", None) == []  # no label
+    new = hostprobe.parse_probe(NVIDIA_HOST + f"nvidia_version={NVRM_OPEN_580}\n", INFO_NVIDIA)
+    assert hostprobe.problems(new, "cuda", "deepfleet/cuda:latest", "13.0.1") == []
+
+
 def test_amd_machine_gets_rocm_and_needs_render_nodes():
     facts = hostprobe.parse_probe(AMD_HOST, INFO_PLAIN)
     assert hostprobe.choose_flavor(facts) == "rocm"

@@ -264,6 +264,19 @@ def test_flavors_share_one_layout():
     assert layouts["rocm"] == layouts["cpu"]
 
 
+@pytest.mark.parametrize("flavor", FLAVORS)
+def test_labels_say_what_the_image_carries(flavor):
+    from deepfleet.images import CUDA_LABEL
+
+    labels = " ".join(
+        args for word, args in instructions(dockerfile_text(flavor)) if word == "LABEL"
+    )
+    assert f"ai.deepfleet.flavor={flavor}" in labels
+    assert "ai.deepfleet.torch=${TORCH_VERSION}" in labels
+    # `up` and doctor read this label to refuse too old a driver before shipping the image
+    assert (f"{CUDA_LABEL}=${{CUDA_VERSION}}" in labels) == (flavor == "cuda")
+
+
 def test_every_shared_file_is_copied():
     copied = {args.split()[0] for args in layout(dockerfile_text("cpu"), "cpu")["COPY"]}
     assert {f"common/{name}" for name in COMMON_FILES} <= copied
