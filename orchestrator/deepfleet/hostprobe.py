@@ -146,6 +146,13 @@ def explain_start_error(message: str) -> str:
             "Docker cannot pass NVIDIA GPUs through: the NVIDIA container toolkit is missing "
             f"or not registered with Docker ({message.strip().splitlines()[-1][:160]})"
         )
+    if "unsatisfied condition: cuda>=" in lowered:
+        # the toolkit compares the image's NVIDIA_REQUIRE_CUDA with the driver (vendor bases)
+        wanted = lowered.split("unsatisfied condition:", 1)[1].split(",")[0].strip()
+        return (
+            f"the NVIDIA driver is too old for this image ({wanted}): update the driver, or "
+            "build the cuda image for the CUDA release the driver runs (see images/versions.env)"
+        )
     if "/dev/kfd" in message and ("no such file" in lowered or "error gathering device" in lowered):
         return (
             f"the machine has no /dev/kfd: is the amdgpu driver loaded? ({message.strip()[:160]})"

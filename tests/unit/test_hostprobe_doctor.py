@@ -126,3 +126,18 @@ def test_ports_in_use_from_ss():
         "LISTEN 0      128        127.0.0.1:631        0.0.0.0:*\n"
     )
     assert _ports_in_use(ss) == {2222, 29500, 631}
+
+
+def test_a_driver_the_vendor_base_refuses_becomes_advice():
+    # what nvidia-container-cli says when NVIDIA_REQUIRE_CUDA outruns the driver
+    message = (
+        "failed to create task for container: failed to create shim task: OCI runtime create "
+        "failed: runc create failed: unable to start container process: error during container "
+        "init: error running hook #0: error running hook: exit status 1, stdout: , stderr: "
+        "Auto-detected mode as 'legacy'\nnvidia-container-cli: requirement error: unsatisfied "
+        "condition: cuda>=13.0, please update your driver to a newer version, or use an earlier "
+        "cuda container: unknown"
+    )
+    advice = hostprobe.explain_start_error(message)
+    assert advice.startswith("the NVIDIA driver is too old for this image (cuda>=13.0)")
+    assert "\n" not in advice
