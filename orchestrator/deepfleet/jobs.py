@@ -263,18 +263,31 @@ def _run_launcher(
     master = session.master
     node = session.node_state(master)
     containers = {n.spec.name: n.container_id for n in session.state.nodes}
+
+    def rank_failed(name: str, code: int) -> None:
+        out.write(f"deepfleet: a rank on {name} exited with code {code}; stopping every rank\n")
+        launch.stop_all(session.clients, containers)
+
     try:
-        code, lines = launch.run(
+        result = launch.run(
             session.clients[master], node.container_id, plan, spec, out,
-            redact=list((secrets or {}).values()),
+            redact=list((secrets or {}).values()), on_rank_failed=rank_failed,
         )  # fmt: skip
     except KeyboardInterrupt:
         out.write("deepfleet: interrupted; stopping every rank\n")
         launch.stop_all(session.clients, containers)
         raise
-    if code != 0:
-        raise JobError(f"{module} exited with code {code}", code, master)
-    return lines
+    if result.failed:
+        name, code = result.failed
+        raise JobError(
+            f"{module}: a rank exited with code {code}; the ranks on every node were stopped "
+            "(its lines above say why)",
+            code if 0 < code < 256 else 1,  # a signal (-9) is no exit status
+            name,
+        )
+    if result.code != 0:
+        raise JobError(f"{module} exited with code {result.code}", result.code, master)
+    return result.lines
 
 
 def train(session: Session, req: TrainRequest, out=sys.stdout, environ=None) -> list[str]:

@@ -16,6 +16,10 @@ from dataclasses import dataclass, field
 from .plan import HOSTFILE, WORKDIR, ClusterPlan
 
 _PDSH_PREFIX = re.compile(r"^(\S+?): (.*)$", re.S)
+# DeepSpeed's per-node launcher (launch.py) when one of its ranks dies: it kills its own
+# ranks, but the other nodes' ranks would wait in their next collective until gloo/NCCL
+# time out (30 min), so the first such line stops the job everywhere.
+RANK_FAILED = re.compile(r"sigkill_handler\].* exits with return code = (-?\d+)")
 
 
 @dataclass(frozen=True)
@@ -49,10 +53,18 @@ def launch_spec(plan: ClusterPlan, module: str, args: Sequence[str]) -> LaunchSp
 class LinePrefixer:
     """Split an exec byte stream into lines labelled with their node's name."""
 
-    def __init__(self, plan: ClusterPlan, write: Callable[[str], None], redact: Sequence[str] = ()):
+    def __init__(
+        self,
+        plan: ClusterPlan,
+        write: Callable[[str], None],
+        redact: Sequence[str] = (),
+        on_rank_failed: Callable[[str, int], None] | None = None,
+    ):
         self.plan = plan
         self.write = write
         self.redact = [r for r in redact if r]
+        self.on_rank_failed = on_rank_failed
+        self.failed: tuple[str, int] | None = None  # the first node whose rank died, its code
         self.buffer = ""
         self.lines: list[str] = []
 
@@ -67,26 +79,49 @@ class LinePrefixer:
             self._emit(self.buffer)
             self.buffer = ""
 
-    def label(self, line: str) -> str:
+    def split(self, line: str) -> tuple[str, str]:
+        """(node name, the line without pdsh's address prefix)."""
         match = _PDSH_PREFIX.match(line)
         if match:
             name = self.plan.name_of(match.group(1))
             if name:
-                return f"[{name}] {match.group(2)}"
-        return f"[{self.plan.master.name}] {line}"
+                return name, match.group(2)
+        return self.plan.master.name, line
+
+    def label(self, line: str) -> str:
+        return "[{}] {}".format(*self.split(line))
 
     def _emit(self, line: str) -> None:
         for secret in self.redact:
             line = line.replace(secret, "***")
-        labelled = self.label(line.rstrip("\r"))
+        node, text = self.split(line.rstrip("\r"))
+        labelled = f"[{node}] {text}"
         self.lines.append(labelled)
         self.write(labelled + "\n")
+        failed = RANK_FAILED.search(text)
+        if failed and self.failed is None:
+            self.failed = (node, int(failed.group(1)))
+            if self.on_rank_failed:
+                self.on_rank_failed(*self.failed)
+
+
+@dataclass(frozen=True)
+class LaunchResult:
+    code: int
+    lines: list[str]
+    failed: tuple[str, int] | None = None  # (node, exit code) of the first rank that died
 
 
 def run(
-    client, container_id: str, plan: ClusterPlan, spec: LaunchSpec, out=None, redact=()
-) -> tuple[int, list[str]]:
-    """Run the launcher; returns (exit code, labelled output lines)."""
+    client,
+    container_id: str,
+    plan: ClusterPlan,
+    spec: LaunchSpec,
+    out=None,
+    redact=(),
+    on_rank_failed: Callable[[str, int], None] | None = None,
+) -> LaunchResult:
+    """Run the launcher and stream its labelled output."""
     out = out or sys.stdout
 
     def write(text: str) -> None:
@@ -97,12 +132,12 @@ def run(
     exec_id = api.exec_create(
         container_id, list(spec.argv), environment=spec.env, workdir=spec.workdir, tty=False
     )["Id"]
-    prefixer = LinePrefixer(plan, write, redact)
+    prefixer = LinePrefixer(plan, write, redact, on_rank_failed)
     for chunk in api.exec_start(exec_id, stream=True, demux=False):
         prefixer.feed(chunk)
     prefixer.close()
     code = api.exec_inspect(exec_id).get("ExitCode")
-    return (code if code is not None else 1), prefixer.lines
+    return LaunchResult(code if code is not None else 1, prefixer.lines, prefixer.failed)
 
 
 def stop_all(clients: dict, containers: dict[str, str]) -> None:

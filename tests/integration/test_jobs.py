@@ -102,6 +102,33 @@ def test_zero3_export_loads_with_plain_transformers(cluster, interrupted, tmp_pa
     assert json.loads((dest / "config.json").read_text())["model_type"] == "llama"
 
 
+def test_a_rank_killed_on_one_node_stops_the_job_everywhere(cluster):
+    """A rank dies (the OOM killer, say): one line names its node, nothing keeps running."""
+    proc = subprocess.Popen(
+        [*DEEPFLEET, "train", "--run", "killed", "--steps", "100000", "--log-every", "20"],
+        cwd=ROOT, env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    seen = []
+    deadline = time.monotonic() + 600
+    for line in proc.stdout:
+        seen.append(line)
+        if STEP_RE.match(line):
+            break
+        assert time.monotonic() < deadline, "".join(seen[-50:])
+    code, out = cluster.node_exec(1, ["pkill", "-KILL", "-f", "deepfleet_node.train --local_rank"])
+    assert code == 0, out
+    rest, err = proc.communicate(timeout=300)  # a hang here is the failure this guards
+    output = "".join(seen) + rest
+    assert proc.returncode != 0, output[-3000:]
+    assert "a rank on lab2 exited with code -9" in output
+    lines = err.strip().splitlines()
+    assert lines[-1].startswith("deepfleet: lab2: deepfleet_node.train: a rank exited"), err
+    deadline = time.monotonic() + 30
+    while running_ranks(cluster) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert running_ranks(cluster) == []
+
+
 def test_local_instruction_data_is_copied_once_and_trains(cluster, tmp_path):
     data = tmp_path / "sft"
     data.mkdir()

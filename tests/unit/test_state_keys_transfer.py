@@ -130,6 +130,20 @@ def test_prefixer_labels_pdsh_lines_with_node_names():
     ]
 
 
+def test_the_first_dead_rank_is_reported_once_with_its_node():
+    # DeepSpeed's launch.py, on lab2, when its rank was killed (recorded in the lab)
+    died = (
+        b"10.0.0.3: [2026-11-25 16:20:40,326] [ERROR] [launch.py:259:sigkill_handler] "
+        b"['/opt/venv/bin/python3.11', '-u', '-m', 'deepfleet_node.train', '--local_rank=0'] "
+        b"exits with return code = -9\n"
+    )
+    calls, out = [], []
+    p = LinePrefixer(_plan(), out.append, on_rank_failed=lambda *a: calls.append(a))
+    p.feed(b"10.0.0.2: step 5/60 loss 4.0\n" + died + died.replace(b"10.0.0.3", b"10.0.0.2"))
+    assert calls == [("lab2", -9)] and p.failed == ("lab2", -9)
+    assert out[1].startswith("[lab2] [2026-11-25 16:20:40,326] [ERROR]")
+
+
 def test_launch_spec_has_explicit_master_and_ssh_port():
     spec = launch_spec(_plan(), "deepfleet_node.train", ["--steps", "3"])
     argv = list(spec.argv)

@@ -27,7 +27,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ._log import say
+from ._log import exit_after_success, say
 
 MODES = ("replicas", "tp", "zero")
 
@@ -505,3 +505,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_after_success()

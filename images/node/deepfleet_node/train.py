@@ -24,7 +24,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from ._log import say
+from ._log import exit_after_success, say
+from .netif import pin_socket_interfaces
 
 CONFIG_NAMES = ("zero1", "zero2", "zero3", "zero3-offload")
 WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
@@ -88,13 +89,14 @@ def free_port() -> int:
 
 
 def ensure_dist_env() -> None:
-    """Give a launcher-less run the env a one-rank process group needs."""
-    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:
-        return
-    defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-    for key, value in defaults.items():
-        os.environ.setdefault(key, value)
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    """Give a launcher-less run the env a one-rank process group needs, and bind the
+    collectives to the interface that reaches the master (see netif)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
+        for key, value in defaults.items():
+            os.environ.setdefault(key, value)
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
+    pin_socket_interfaces()
 
 
 def init_distributed(local_rank: int | None) -> tuple[int, int, str]:
@@ -572,3 +574,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    exit_after_success()
