@@ -6,11 +6,9 @@ there with torch._C._cuda_getArchFlags()), since no GPU exists here to run it wi
 """
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
-from unitdata import detect_report
+from unitdata import Runner, detect, detect_report, inv, recorded, rep
 
 from deepfleet import reports
 from deepfleet.compat import (
@@ -20,13 +18,8 @@ from deepfleet.compat import (
     node_problems,
 )
 from deepfleet.errors import PlanError
-from deepfleet.inventory import Inventory, NodeSpec
 from deepfleet.plan import plan_cluster
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "images" / "node"))
-from deepfleet_node import detect  # noqa: E402
-
-RECORDED = Path(__file__).resolve().parents[2].parent / "shared" / "gpu-tool-outputs"
 # What torch 2.13.0 (PyPI, CUDA 13.0) in deepfleet/cuda reports, read from the built image.
 CU130_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]
 # A ROCm torch's list in the same form; no ROCm image could be built here to read one from.
@@ -44,43 +37,10 @@ def torch_probe(cuda="13.0", hip=None, archs=CU130_ARCHS, devices=()):
     }
 
 
-class Runner:
-    """Canned tool answers by command prefix; anything else is a missing tool."""
-
-    def __init__(self, table):
-        self.table = table
-
-    def __call__(self, argv, timeout, env=None):
-        line = " ".join(argv)
-        for prefix in sorted(self.table, key=len, reverse=True):
-            if line.startswith(prefix):
-                rc, out = self.table[prefix]
-                return detect.ToolResult(list(argv), rc, out, "")
-        return detect.ToolResult(list(argv), missing=True)
-
-
-def recorded(relative):
-    path = RECORDED / relative
-    if not path.is_file():
-        pytest.skip(f"recorded output {relative} is absent at {RECORDED}")
-    return path.read_text(encoding="utf-8", errors="replace")
-
-
 def report_from(table, probe):
     raw = detect.collect(env={}, runner=Runner(table), torch_info=probe)
     assert detect.validate_report(raw) == []
     return reports.parse(json.dumps(raw), "gpu1")
-
-
-def inv(*names):
-    nodes = tuple(
-        NodeSpec(n, f"10.0.0.{i + 1}", "root", 22, None, "/dev/null") for i, n in enumerate(names)
-    )
-    return Inventory(nodes, None)
-
-
-def rep(**over):
-    return reports.parse(json.dumps(detect_report(**over)))
 
 
 def nvidia_gpu(index=0, cc="9.0", driver="580.65.06", runtime="13.0", name="NVIDIA H100"):

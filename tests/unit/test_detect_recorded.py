@@ -4,16 +4,11 @@ The recordings are third-party text and are read in place, never copied into the
 Each test skips, with the reason, where that folder is absent.
 """
 
-import sys
 from pathlib import Path
 
 import pytest
+from unitdata import RECORDED, Runner, detect, recorded
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "images" / "node"))
-
-from deepfleet_node import detect  # noqa: E402
-
-RECORDED = Path(__file__).resolve().parents[2].parent / "shared" / "gpu-tool-outputs"
 MiB = 1024**2
 
 pytestmark = pytest.mark.skipif(
@@ -21,34 +16,10 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def recorded(relative: str) -> str:
-    path = RECORDED / relative
-    if not path.is_file():
-        pytest.skip(f"recorded output {relative} is absent")
-    return path.read_text(encoding="utf-8", errors="replace")
-
-
 def all_recorded() -> list[Path]:
     if not RECORDED.is_dir():
         return []
     return sorted(p for p in RECORDED.rglob("*") if p.is_file() and p.name != "SOURCES.md")
-
-
-class Runner:
-    """Gives one canned answer per command prefix; anything else is a missing tool."""
-
-    def __init__(self, table):
-        self.table = table
-        self.calls = []
-
-    def __call__(self, argv, timeout, env=None):
-        line = " ".join(argv)
-        self.calls.append(line)
-        for prefix in sorted(self.table, key=len, reverse=True):
-            if line.startswith(prefix):
-                rc, out = self.table[prefix]
-                return detect.ToolResult(list(argv), rc, out, "")
-        return detect.ToolResult(list(argv), missing=True)
 
 
 def collect(table, env=None):

@@ -1,24 +1,11 @@
 import json
 
 import pytest
-from unitdata import detect_report
+from unitdata import detect_report, inv, rep
 
 from deepfleet import hostfile, reports
 from deepfleet.errors import PlanError, ReportError
-from deepfleet.inventory import Inventory, NodeSpec
 from deepfleet.plan import check_versions, plan_cluster
-
-
-def node(name, host):
-    return NodeSpec(name, host, "root", 22, None, "/dev/null")
-
-
-def inv(*names):
-    return Inventory(tuple(node(n, f"10.0.0.{i + 1}") for i, n in enumerate(names)), None)
-
-
-def rep(**over):
-    return reports.parse(json.dumps(detect_report(**over)))
 
 
 def gpu(i, name="NVIDIA H100 80GB HBM3"):

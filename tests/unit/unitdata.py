@@ -1,5 +1,41 @@
 """Shared unit-test data; its own module because conftest names clash across folders."""
 
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "images" / "node"))
+
+from deepfleet_node import detect  # noqa: E402
+
+# Real GPU tools' outputs recorded on real machines, read in place (../shared).
+RECORDED = Path(__file__).resolve().parents[2].parent / "shared" / "gpu-tool-outputs"
+
+
+def recorded(relative: str) -> str:
+    path = RECORDED / relative
+    if not path.is_file():
+        pytest.skip(f"recorded output {relative} is absent")
+    return path.read_text(encoding="utf-8", errors="replace")
+
+
+class Runner:
+    """Gives one canned answer per command prefix; anything else is a missing tool."""
+
+    def __init__(self, table):
+        self.table = table
+        self.calls = []
+
+    def __call__(self, argv, timeout, env=None):
+        line = " ".join(argv)
+        self.calls.append(line)
+        for prefix in sorted(self.table, key=len, reverse=True):
+            if line.startswith(prefix):
+                rc, out = self.table[prefix]
+                return detect.ToolResult(list(argv), rc, out, "")
+        return detect.ToolResult(list(argv), missing=True)
+
 
 def detect_report(**over) -> dict:
     """A detect --json report as a CPU node in the image prints it."""
@@ -22,3 +58,22 @@ def detect_report(**over) -> dict:
     }
     report.update(over)
     return report
+
+
+def inv(*names):
+    """An inventory of nodes at 10.0.0.1, 10.0.0.2, ... in the order named."""
+    from deepfleet.inventory import Inventory, NodeSpec
+
+    nodes = tuple(
+        NodeSpec(n, f"10.0.0.{i + 1}", "root", 22, None, "/dev/null") for i, n in enumerate(names)
+    )
+    return Inventory(nodes, None)
+
+
+def rep(**over):
+    """detect_report(**over) parsed as the orchestrator sees it."""
+    import json
+
+    from deepfleet import reports
+
+    return reports.parse(json.dumps(detect_report(**over)))
