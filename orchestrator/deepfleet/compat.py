@@ -54,11 +54,18 @@ def driver_cuda_major(gpu: GPU) -> int | None:
     return runtime[0] if runtime else cuda_major_of_driver(gpu.driver)
 
 
-def driver_shortfall(driver: str | None, runs: str, has: int, needed: str, what: str) -> str:
-    """The one line for a driver older than an image's CUDA major, with both fixes."""
-    floor = MIN_DRIVER.get(_major_minor(needed)[0]) if _major_minor(needed) else None
+def driver_shortfall(
+    driver: str | None, has: int | None, needed: str | None, what: str, runs: str = ""
+) -> str | None:
+    """The one line for a driver whose newest CUDA major (has) is older than the CUDA an
+    image is built for (needed), with both fixes; None when the driver is new enough or
+    either side is unknown."""
+    want = _major_minor(needed)
+    if not want or has is None or has >= want[0]:
+        return None
+    floor = MIN_DRIVER.get(want[0])
     return (
-        f"driver {driver or '?'} runs {runs}, {what} is built for CUDA {needed}"
+        f"driver {driver or '?'} runs {runs or f'CUDA {has}.x'}, {what} is built for CUDA {needed}"
         + (f" (driver {floor}+)" if floor else "")
         + f": update the driver, or build the cuda image for CUDA {has}.x"
     )
@@ -66,22 +73,16 @@ def driver_shortfall(driver: str | None, runs: str, has: int, needed: str, what:
 
 def host_driver_problem(driver: str | None, image_cuda: str | None, image: str) -> str | None:
     """Before anything is shipped: the host's driver against the image's CUDA label."""
-    needed = _major_minor(image_cuda)
-    has = cuda_major_of_driver(driver)
-    if not needed or has is None or has >= needed[0]:
-        return None
-    return driver_shortfall(driver, f"CUDA {has}.x", has, str(image_cuda), image)
+    return driver_shortfall(driver, cuda_major_of_driver(driver), image_cuda, image)
 
 
 def driver_problem(report: NodeReport, gpu: GPU) -> str | None:
     """A CUDA build runs on drivers of its own major release or newer, never older."""
-    needed = _major_minor(report.versions.get("cuda"))
-    has = driver_cuda_major(gpu)
-    if report.accelerator != "cuda" or not needed or has is None or has >= needed[0]:
+    if report.accelerator != "cuda":
         return None
-    runs = f"CUDA up to {gpu.runtime}" if gpu.runtime else f"CUDA {has}.x"
+    runs = f"CUDA up to {gpu.runtime}" if gpu.runtime else ""
     return driver_shortfall(
-        gpu.driver, runs, has, str(report.versions["cuda"]), "the image's torch"
+        gpu.driver, driver_cuda_major(gpu), report.versions.get("cuda"), "the image's torch", runs
     )
 
 
