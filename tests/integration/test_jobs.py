@@ -36,21 +36,35 @@ def running_ranks(cluster) -> list[str]:
     return found
 
 
-@pytest.fixture(scope="module")
-def interrupted(cluster):
-    """A ZeRO-3 run on 2+1 processes, stopped with Ctrl-C once a checkpoint exists."""
+def ranks_gone(cluster, within: float = 30) -> list[str]:
+    """The ranks still running once they have had `within` seconds to stop."""
+    deadline = time.monotonic() + within
+    while running_ranks(cluster) and time.monotonic() < deadline:
+        time.sleep(1)
+    return running_ranks(cluster)
+
+
+def train_until_step(cluster, args, step: int, stderr=subprocess.STDOUT, within: float = 900):
+    """Start `deepfleet ARGS` (a train command) and read its output until rank 0 logs `step`."""
     proc = subprocess.Popen(
-        [*DEEPFLEET, *TRAIN],
-        cwd=ROOT, env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [*DEEPFLEET, *args],
+        cwd=ROOT, env=cluster.env(), stdout=subprocess.PIPE, stderr=stderr, text=True,
     )  # fmt: skip
     seen = []
-    deadline = time.monotonic() + 900
+    deadline = time.monotonic() + within
     for line in proc.stdout:
         seen.append(line)
         match = STEP_RE.match(line)
-        if match and int(match.group(2)) >= 25:
+        if match and int(match.group(2)) >= step:
             break
         assert time.monotonic() < deadline, "".join(seen[-50:])
+    return proc, seen
+
+
+@pytest.fixture(scope="module")
+def interrupted(cluster):
+    """A ZeRO-3 run on 2+1 processes, stopped with Ctrl-C once a checkpoint exists."""
+    proc, seen = train_until_step(cluster, TRAIN, 25)
     proc.send_signal(signal.SIGINT)
     rest, _ = proc.communicate(timeout=120)
     return proc.returncode, "".join(seen) + rest
@@ -60,10 +74,7 @@ def test_ctrl_c_stops_every_rank_on_every_node(cluster, interrupted):
     code, output = interrupted
     assert code == 130, output[-3000:]
     assert "stopping every rank" in output
-    deadline = time.monotonic() + 30
-    while running_ranks(cluster) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert running_ranks(cluster) == []
+    assert ranks_gone(cluster) == []
 
 
 def test_resume_continues_from_the_saved_step(cluster, interrupted):
@@ -104,17 +115,8 @@ def test_zero3_export_loads_with_plain_transformers(cluster, interrupted, tmp_pa
 
 def test_a_rank_killed_on_one_node_stops_the_job_everywhere(cluster):
     """A rank dies (the OOM killer, say): one line names its node, nothing keeps running."""
-    proc = subprocess.Popen(
-        [*DEEPFLEET, "train", "--run", "killed", "--steps", "100000", "--log-every", "20"],
-        cwd=ROOT, env=cluster.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    seen = []
-    deadline = time.monotonic() + 600
-    for line in proc.stdout:
-        seen.append(line)
-        if STEP_RE.match(line):
-            break
-        assert time.monotonic() < deadline, "".join(seen[-50:])
+    args = ["train", "--run", "killed", "--steps", "100000", "--log-every", "20"]
+    proc, seen = train_until_step(cluster, args, 0, stderr=subprocess.PIPE, within=600)
     code, out = cluster.node_exec(1, ["pkill", "-KILL", "-f", "deepfleet_node.train --local_rank"])
     assert code == 0, out
     rest, err = proc.communicate(timeout=300)  # a hang here is the failure this guards
@@ -123,10 +125,7 @@ def test_a_rank_killed_on_one_node_stops_the_job_everywhere(cluster):
     assert "a rank on lab2 exited with code -9" in output
     lines = err.strip().splitlines()
     assert lines[-1].startswith("deepfleet: lab2: deepfleet_node.train: a rank exited"), err
-    deadline = time.monotonic() + 30
-    while running_ranks(cluster) and time.monotonic() < deadline:
-        time.sleep(1)
-    assert running_ranks(cluster) == []
+    assert ranks_gone(cluster) == []
 
 
 def test_local_instruction_data_is_copied_once_and_trains(cluster, tmp_path):
