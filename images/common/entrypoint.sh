@@ -12,15 +12,9 @@ start_sshd() {
     mkdir -p /root/.ssh
     printf '%s\n' "$DEEPFLEET_AUTHORIZED_KEY" >/root/.ssh/authorized_keys
   fi
-  # ssh sessions (pdsh) start with sshd's bare environment; hand them the image's.
-  : >/etc/ssh/deepfleet-env.conf
-  for var in PATH TORCH_EXTENSIONS_DIR HF_HOME DEEPFLEET_FLAVOR SSL_CERT_FILE REQUESTS_CA_BUNDLE \
-    NCCL_SOCKET_IFNAME GLOO_SOCKET_IFNAME; do
-    val="$(printenv "$var" || true)"
-    if [ -n "$val" ]; then
-      printf 'SetEnv %s=%s\n' "$var" "$val" >>/etc/ssh/deepfleet-env.conf
-    fi
-  done
+  # ssh sessions (pdsh) start with sshd's bare environment; hand them the container's
+  # whole environment (image ENV, compose environment:) on sshd's one SetEnv line.
+  /opt/venv/bin/python -m deepfleet_node.sshenv >/etc/ssh/deepfleet-env.conf
   mkdir -p /run/sshd
   exec /usr/sbin/sshd -D -e
 }
