@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import posixpath
+import stat
 import tarfile
 import time
 from pathlib import Path
 
 from .containers import exec_text
 from .errors import ContainerError
+from .inputs import files_under
 
 # Order-independent digest of a directory tree's file contents and relative paths.
 _DIGEST = (
@@ -60,19 +63,40 @@ def copy_between(src, dst, path: str, src_node: str, dst_node: str) -> bool:
     return True
 
 
-def _local_files(local: Path) -> list[tuple[str, Path]]:
-    """(path relative to the target directory, file), in the byte order `sort -z` gives."""
-    if local.is_file():
-        return [(local.name, local)]
-    files = [(str(p.relative_to(local)), p) for p in local.rglob("*") if p.is_file()]
-    return sorted(files, key=lambda item: item[0].encode())
+def _sha256(path: Path) -> str:
+    # In pieces: model weights run to many gigabytes.
+    sha = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(block)
+    return sha.hexdigest()
 
 
 def local_digest(local: Path) -> str:
-    lines = "".join(
-        f"{hashlib.sha256(p.read_bytes()).hexdigest()}  ./{rel}\n" for rel, p in _local_files(local)
-    )
+    """What `_DIGEST` prints for the copy push_local makes of `local`.
+
+    files_under follows symlinks and sorts as `sort -z` does, as the copy has them.
+    """
+    lines = "".join(f"{_sha256(p)}  ./{rel}\n" for rel, p in files_under(local))
     return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def local_tar(local: Path) -> bytes:
+    """A tar of `local`'s files, each a regular member with its (link target's) content and mode.
+
+    The HF cache's snapshot folders are symlinks into ../blobs; a tar of the links
+    themselves is refused by the Docker engine ("invalid symlink") and would dangle anyway.
+    """
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for rel, path in files_under(local):
+            with path.open("rb") as fh:
+                st = os.fstat(fh.fileno())
+                info = tarfile.TarInfo(rel)
+                info.size, info.mode = st.st_size, stat.S_IMODE(st.st_mode)
+                info.mtime = int(st.st_mtime)
+                tar.addfile(info, fh)
+    return buf.getvalue()
 
 
 def push_local(container, local: Path, target: str, node: str) -> bool:
@@ -84,12 +108,9 @@ def push_local(container, local: Path, target: str, node: str) -> bool:
         raise ContainerError(f"{local} does not exist on this machine")
     if digest(container, target, node) == local_digest(local):
         return False
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
-        for rel, path in _local_files(local):
-            tar.add(str(path), arcname=rel)
+    archive = local_tar(local)
     exec_text(container, ["sh", "-c", 'rm -rf "$1" && mkdir -p "$1"', "rm", target], node)
-    if not container.put_archive(target, buf.getvalue()):
+    if not container.put_archive(target, archive):
         raise ContainerError(f"could not write {target}", node)
     return True
 
