@@ -6,12 +6,15 @@ Nothing is changed on any machine.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
-from . import hostprobe, images
+from . import hostprobe, images, preflight
+from .cluster import open_session
 from .connect import connect, fan_out, run_host
 from .errors import DeepfleetError
 from .inventory import NodeSpec
+from .plan import ClusterPlan
 
 PORTS = (2222, 29500)
 
@@ -101,3 +104,31 @@ def run(nodes: list[NodeSpec], local, image: str | None, cluster_up: bool, timeo
     checks = [c for n in nodes for c in results.get(n.name, [])]
     checks += [Check(name, "doctor", "FAIL", e.one_line()) for name, e in errors.items()]
     return checks
+
+
+def network_checks(session, plan: ClusterPlan | None = None, timeout: float = 5.0) -> list[Check]:
+    """The launch preflight, listing every path that fails (a launch stops at the first)."""
+    try:
+        plan = plan or session.plan()
+        started = time.monotonic()
+        checked, findings = preflight.check(session, plan, timeout)
+    except DeepfleetError as exc:  # e.g. the saved reports no longer make a plan
+        return [Check(exc.node or "cluster", "network", "FAIL", exc.one_line())]
+    if findings:
+        return [Check(f.node, "network", "FAIL", f.line) for f in findings]
+    took = time.monotonic() - started
+    detail = f"{preflight.summary(plan, checked)} ({took:.1f} s)"
+    return [Check(plan.master.name, "network", "ok", detail)]
+
+
+def cluster_network_checks(store, timeout: float = 15.0, probe_timeout: float = 5.0):
+    """network_checks for the cluster that is up; a node that cannot be reached is a warning
+    here, because its own ssh+docker line already says why."""
+    try:
+        session = open_session(store, timeout)
+    except DeepfleetError as exc:
+        return [Check("cluster", "network", "warn", f"not checked: {exc.one_line()}")]
+    try:
+        return network_checks(session, timeout=probe_timeout)
+    finally:
+        session.close()
