@@ -9,6 +9,7 @@ paramiko channel) is docker-py's.
 from __future__ import annotations
 
 import logging
+import os
 import socket
 import threading
 from collections.abc import Callable, Iterable
@@ -24,6 +25,17 @@ from .inventory import NodeSpec
 
 # paramiko logs refused channels (handled below) at ERROR; the CLI reports real failures.
 logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+
+# How long a long operation (an image load, a copy, a job's output) may go without any
+# sign of progress before it fails naming its node; `--stall-timeout` sets it.
+STALL_ENV = "DEEPFLEET_STALL_TIMEOUT"
+DEFAULT_STALL = 120.0
+# SSH keepalives: a NAT or firewall on the way keeps an idle connection's state, and a
+# peer that vanished is noticed by the transport.
+KEEPALIVE_S = 15
+# Quick API calls (inspect, create, exec of a short command) that get no answer in this
+# long mean the machine is not answering.
+API_TIMEOUT = 60.0
 
 # docker 20.10 speaks 1.41; newer engines negotiate down to what docker-py knows.
 _BOOT_API_VERSION = "1.41"
@@ -92,6 +104,7 @@ class PinnedSSHAdapter(SSHHTTPAdapter):
         except BaseException:
             client.close()
             raise
+        client.get_transport().set_keepalive(KEEPALIVE_S)
         return client
 
     def _create_paramiko_client(self, base_url):
@@ -139,6 +152,13 @@ class PinnedSSHAdapter(SSHHTTPAdapter):
         self._clients.clear()
 
 
+def stall_timeout() -> float:
+    try:
+        return max(1.0, float(os.environ.get(STALL_ENV, DEFAULT_STALL)))
+    except ValueError:
+        return DEFAULT_STALL
+
+
 def _ssh_error(node: NodeSpec, exc: BaseException) -> ConnectError:
     where = f"{node.user}@{node.host}:{node.port}"
     if isinstance(exc, paramiko.BadHostKeyException):
@@ -166,7 +186,9 @@ def connect(node: NodeSpec, timeout: float = 15.0) -> docker.DockerClient:
     except Exception as exc:  # paramiko raises many types; all are "cannot connect"
         raise _ssh_error(node, exc) from exc
     # An explicit version keeps APIClient from dialing its placeholder URL.
-    api = docker.APIClient(base_url="unix:///var/run/docker.sock", version=_BOOT_API_VERSION)
+    api = docker.APIClient(
+        base_url="unix:///var/run/docker.sock", version=_BOOT_API_VERSION, timeout=API_TIMEOUT
+    )
     api.mount("http+docker://ssh", adapter)
     api.base_url = "http+docker://ssh"
     api._custom_adapter = adapter
@@ -198,6 +220,20 @@ def _vkey(v: str) -> tuple[int, ...]:
     return tuple(int(p) for p in v.split("."))
 
 
+def docker_cause(exc: BaseException, container: str = "") -> str:
+    """One line for an engine's refusal, without docker-py's URL and status text."""
+    text = str(getattr(exc, "explanation", None) or exc)
+    status = getattr(exc, "status_code", None)
+    name = container or "the node container"
+    if "is paused" in text:
+        return f"{name} is paused (frozen); `docker unpause {name}` on that machine"
+    if "is not running" in text or status == 409:
+        return f"{name} is not running; `deepfleet up` again (or run a job, which restarts it)"
+    if status == 404 and ("container" in text.lower() or container):
+        return f"{name} is gone; run a job (it makes the container anew) or `deepfleet up`"
+    return " ".join(text.split())[:300]
+
+
 def _first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -223,6 +259,8 @@ def fan_out(
             except DeepfleetError as exc:
                 exc.node = exc.node or name
                 errors[name] = exc
+            except docker.errors.APIError as exc:
+                errors[name] = DeepfleetError(docker_cause(exc), name)
             except Exception as exc:  # an unexpected failure still names its node
                 errors[name] = DeepfleetError(_first_line(exc), name)
     return results, errors

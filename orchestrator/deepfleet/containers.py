@@ -8,6 +8,7 @@ from docker.errors import APIError, NotFound
 from docker.types import DeviceRequest, Mount, Ulimit
 
 from .compose import ContainerSpec
+from .connect import docker_cause
 from .errors import ContainerError
 from .hostprobe import explain_start_error
 
@@ -89,12 +90,29 @@ def create_and_start(client, spec: ContainerSpec, node: str):
     return container
 
 
+def start_existing(container, node: str) -> None:
+    """Start a stopped node container again (its host keys survive in its filesystem)."""
+    try:
+        container.start()
+    except APIError as exc:
+        cause = explain_start_error(str(exc.explanation or exc))
+        raise ContainerError(f"cannot start {container.name} again: {cause}", node) from exc
+
+
 def exec_text(container, argv: list[str], node: str, env: dict | None = None) -> str:
-    """Run argv in the container; its stdout, or ContainerError with its last output line."""
-    code, out = container.exec_run(argv, environment=env, demux=True)
-    stdout = (out[0] or b"").decode(errors="replace")
+    """Run argv in the container; its stdout, or ContainerError with its last output line.
+
+    Read with a progress-based timeout (see execstream): a long silent command is fine,
+    a machine that stops answering is not.
+    """
+    from .execstream import run_collect  # execstream needs connect, which needs nothing here
+
+    try:
+        code, stdout, stderr_text = run_collect(container.client, container.id, argv, node, env)
+    except APIError as exc:
+        raise ContainerError(docker_cause(exc, container.name), node) from exc
     if code != 0:
-        stderr = (out[1] or b"").decode(errors="replace").strip().splitlines()
+        stderr = stderr_text.strip().splitlines()
         last = stderr[-1] if stderr else stdout.strip()[-200:]
         shown = " ".join(argv) if len(" ".join(argv)) < 80 else " ".join(argv[:3]) + " ..."
         error = ContainerError(f"`{shown}` exited {code}: {last}", node)

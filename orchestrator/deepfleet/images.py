@@ -25,10 +25,17 @@ from hashlib import sha256
 from pathlib import Path
 
 from docker.errors import APIError, DockerException, ImageNotFound
+from requests.exceptions import RequestException
+from urllib3.exceptions import ProtocolError
 
+from .connect import stall_timeout
 from .errors import ImageError
 
 CHUNK = 4 << 20
+
+
+class LoadStalled(ImageError):
+    """The node stopped taking or unpacking the image: sending it again would stall too."""
 
 
 @dataclass(frozen=True)
@@ -177,28 +184,51 @@ class _Counter:
 
 
 def stream_image(local, client, ref: str, node: str, image_id: str) -> int:
+    stall = stall_timeout()
     archive = saved_image(local, ref, image_id)
     held = node_chains(client)
     skip = {directory for directory, chain in layer_plan(archive) if chain in held}
     if skip:
         delta = delta_archive(archive, skip)
         try:
-            return _load(client, delta, ref, node)
+            return _load(client, delta, ref, node, stall)
+        except LoadStalled:
+            raise
         except ImageError:
             pass  # an engine that wants every layer (containerd image store): send them all
         finally:
             delta.unlink(missing_ok=True)
-    return _load(client, archive, ref, node)
+    return _load(client, archive, ref, node, stall)
 
 
-def _load(client, archive: Path, ref: str, node: str) -> int:
+def _load(client, archive: Path, ref: str, node: str, stall: float) -> int:
+    """`docker load` with a progress-based timeout instead of a fixed one.
+
+    Asked with quiet=false the engine reports each layer as it unpacks it, so every read
+    of the reply waits at most `stall` seconds for the next report, however large the
+    image or slow the disk; the upload's writes are bounded the same way.
+    """
     counter = _Counter(_file_chunks(archive))
+    api = client.api
+    started = time.monotonic()
     try:
-        for message in client.api.load_image(counter):
+        reply = api._post(
+            api._url("/images/load"), data=counter, params={"quiet": False}, stream=True,
+            timeout=stall,
+        )  # fmt: skip
+        api._raise_for_status(reply)
+        for message in api._stream_helper(reply, decode=True):
             if "error" in message:
                 raise ImageError(f"loading {ref} failed: {message['error']}", node)
     except APIError as exc:
         raise ImageError(f"loading {ref} failed: {exc.explanation or exc}", node) from exc
+    except (OSError, RequestException, ProtocolError) as exc:  # a read or write that waited
+        raise LoadStalled(
+            f"loading {ref} made no progress for {stall:.0f} s "
+            f"({counter.sent / 1e6:.0f} MB sent in {time.monotonic() - started:.0f} s); "
+            "is the machine's disk full or its engine stuck? (--stall-timeout to wait longer)",
+            node,
+        ) from exc
     return counter.sent
 
 
