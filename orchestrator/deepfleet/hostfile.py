@@ -36,4 +36,9 @@ def render_ssh_config(plan: ClusterPlan, identity: str, known_hosts: str) -> str
         "  StrictHostKeyChecking yes\n"
         "  BatchMode yes\n"
         "  LogLevel ERROR\n"
+        # the launcher's hops notice a node that stopped answering (30 s), and a NAT or
+        # firewall on the way keeps their idle state
+        "  ConnectTimeout 10\n"
+        "  ServerAliveInterval 5\n"
+        "  ServerAliveCountMax 6\n"
     )

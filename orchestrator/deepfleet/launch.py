@@ -10,16 +10,29 @@ from __future__ import annotations
 import re
 import shlex
 import sys
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from .execstream import ExecStream
 from .plan import HOSTFILE, WORKDIR, ClusterPlan
+from .watchdog import Watchdog
 
 _PDSH_PREFIX = re.compile(r"^(\S+?): (.*)$", re.S)
 # DeepSpeed's per-node launcher (launch.py) when one of its ranks dies: it kills its own
 # ranks, but the other nodes' ranks would wait in their next collective until gloo/NCCL
 # time out (30 min), so the first such line stops the job everywhere.
 RANK_FAILED = re.compile(r"sigkill_handler\].* exits with return code = (-?\d+)")
+# pdsh's own line when its ssh to a node ends early: the node's sshd stopped answering
+# its keepalives (ServerAliveInterval in the master's ssh config) or dropped the session.
+SSH_LOST = re.compile(r"^pdsh@\S+: (\S+): ssh exited with exit code (255)")
+# The last line of a Python traceback, or a rank's own `error:` line: what the job's one
+# closing line quotes when that rank dies.
+ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)|error)\b:? ?(.*)")
+# Processes a job leaves in a node container: the launcher, pdsh, its ssh hops, the ranks.
+# The brackets keep the pattern from matching the shell that runs pkill with it.
+JOB_PROCESSES = "[d]eepspeed|[d]eepfleet_node[.](train|infer)|[p]dsh"
 
 
 @dataclass(frozen=True)
@@ -65,6 +78,8 @@ class LinePrefixer:
         self.redact = [r for r in redact if r]
         self.on_rank_failed = on_rank_failed
         self.failed: tuple[str, int] | None = None  # the first node whose rank died, its code
+        self.lost: tuple[str, str] | None = None  # a node whose ssh hop ended, and why
+        self.errors: dict[str, str] = {}  # each node's last error line
         self.buffer = ""
         self.lines: list[str] = []
 
@@ -81,6 +96,9 @@ class LinePrefixer:
 
     def split(self, line: str) -> tuple[str, str]:
         """(node name, the line without pdsh's address prefix)."""
+        lost = SSH_LOST.match(line)
+        if lost and self.plan.name_of(lost.group(1)):
+            return self.plan.name_of(lost.group(1)), line
         match = _PDSH_PREFIX.match(line)
         if match:
             name = self.plan.name_of(match.group(1))
@@ -98,11 +116,21 @@ class LinePrefixer:
         labelled = f"[{node}] {text}"
         self.lines.append(labelled)
         self.write(labelled + "\n")
+        if ERROR_LINE.match(text.strip()):
+            self.errors[node] = text.strip()
         failed = RANK_FAILED.search(text)
         if failed and self.failed is None:
             self.failed = (node, int(failed.group(1)))
             if self.on_rank_failed:
                 self.on_rank_failed(*self.failed)
+        lost = SSH_LOST.match(text)
+        if lost and self.lost is None and self.failed is None:
+            self.lost = (node, f"the launcher's ssh session to it ended (exit {lost.group(2)})")
+            if self.on_rank_failed:
+                self.on_rank_failed(node, -1)
+
+    def last_error(self, node: str) -> str | None:
+        return self.errors.get(node)
 
 
 @dataclass(frozen=True)
@@ -110,6 +138,8 @@ class LaunchResult:
     code: int
     lines: list[str]
     failed: tuple[str, int] | None = None  # (node, exit code) of the first rank that died
+    lost: tuple[str, str] | None = None  # (node, cause) of a node that stopped answering
+    errors: dict[str, str] = field(default_factory=dict)  # each node's last error line
 
 
 def run(
@@ -120,31 +150,70 @@ def run(
     out=None,
     redact=(),
     on_rank_failed: Callable[[str, int], None] | None = None,
+    watchdog: Watchdog | None = None,
 ) -> LaunchResult:
-    """Run the launcher and stream its labelled output."""
+    """Run the launcher and stream its labelled output, while the watchdog watches."""
     out = out or sys.stdout
 
     def write(text: str) -> None:
         out.write(text)
         out.flush()
 
-    api = client.api
-    exec_id = api.exec_create(
-        container_id, list(spec.argv), environment=spec.env, workdir=spec.workdir, tty=False
-    )["Id"]
     prefixer = LinePrefixer(plan, write, redact, on_rank_failed)
-    for chunk in api.exec_start(exec_id, stream=True, demux=False):
-        prefixer.feed(chunk)
+    stream = ExecStream(client, container_id, spec.argv, env=spec.env, workdir=spec.workdir)
+    if watchdog is not None:
+        watchdog.start()
+    try:
+        for frame in stream.frames(poll=1.0):
+            if frame is not None:
+                prefixer.feed(frame.data)
+            if watchdog is not None and watchdog.lost:
+                break
+    finally:
+        if watchdog is not None:
+            watchdog.stop()
+        stream.close()
     prefixer.close()
-    code = api.exec_inspect(exec_id).get("ExitCode")
-    return LaunchResult(code if code is not None else 1, prefixer.lines, prefixer.failed)
+    lost = watchdog.lost if watchdog is not None else None
+    lost = lost or prefixer.lost
+    code = 1 if lost else _exit_code(stream)
+    return LaunchResult(code, prefixer.lines, prefixer.failed, lost, dict(prefixer.errors))
 
 
-def stop_all(clients: dict, containers: dict[str, str]) -> None:
-    """Ctrl-C: stop the launcher and every rank it started, on every node."""
-    for name, client in clients.items():
+def _exit_code(stream: ExecStream) -> int:
+    try:
+        return stream.exit_code()
+    except Exception:  # the master stopped answering at the very end: the job did not finish
+        return 1
+
+
+def stop_all(clients: dict, containers: dict[str, str], wait: float = 20.0) -> list[str]:
+    """Stop the launcher and every rank it started, on every node at once.
+
+    TERM first so DeepSpeed's launchers pass it on, KILL for whatever outlives a grace
+    period. A node that does not answer within `wait` seconds is named in the result
+    instead of holding up the others (a frozen machine cannot be stopped from here).
+    """
+    script = (
+        f"pkill -TERM -f '{JOB_PROCESSES}'; "
+        f"for i in $(seq 20); do pgrep -f '{JOB_PROCESSES}' >/dev/null || exit 0; sleep 0.5; done; "
+        f"pkill -KILL -f '{JOB_PROCESSES}'; exit 0"
+    )
+    done: dict[str, bool] = {}
+
+    def stop(name: str) -> None:
         try:
-            container = client.containers.get(containers[name])
-            container.exec_run(["pkill", "-TERM", "-f", "deepspeed|deepfleet_node|pdsh"])
-        except Exception:  # best effort: the node may be gone, the job must still stop elsewhere
-            continue
+            client = clients[name]
+            exec_id = client.api.exec_create(containers[name], ["sh", "-c", script])["Id"]
+            client.api.exec_start(exec_id)
+            done[name] = True
+        except Exception:  # the node may be gone; the job must still stop elsewhere
+            done[name] = False
+
+    threads = [threading.Thread(target=stop, args=(n,), daemon=True) for n in containers]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + wait
+    for thread in threads:
+        thread.join(max(0.0, deadline - time.monotonic()))
+    return [name for name in containers if not done.get(name)]

@@ -28,6 +28,9 @@ def exit_after_success() -> None:
     import logging
     import sys
 
+    from . import heartbeat
+
+    heartbeat.finish()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()

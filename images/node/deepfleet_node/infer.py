@@ -138,7 +138,7 @@ def init_distributed(mode: str, local_rank: int | None) -> tuple[int, int]:
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from .train import ensure_dist_env
+    from .train import ensure_dist_env, process_group_timeout
 
     ensure_dist_env()
     if local_rank is not None:
@@ -149,7 +149,9 @@ def init_distributed(mode: str, local_rank: int | None) -> tuple[int, int]:
             keep_shm_allreduce_off()
     else:
         acc.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+    deepspeed.init_distributed(
+        dist_backend=acc.communication_backend_name(), timeout=process_group_timeout()
+    )
     return dist.get_rank(), dist.get_world_size()
 
 

@@ -24,9 +24,12 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from . import heartbeat
 from ._log import exit_after_success, say
 from .netif import pin_socket_interfaces
 
+PG_TIMEOUT_ENV = "DEEPFLEET_PG_TIMEOUT"
+DEFAULT_PG_TIMEOUT_S = 600
 CONFIG_NAMES = ("zero1", "zero2", "zero3", "zero3-offload")
 WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 
@@ -97,6 +100,18 @@ def ensure_dist_env() -> None:
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(free_port()))
     pin_socket_interfaces()
+    heartbeat.start()
+
+
+def process_group_timeout():
+    """How long a collective may wait for a peer (DEEPFLEET_PG_TIMEOUT, seconds).
+
+    torch waits 30 minutes by default; a peer that died or vanished should end the job
+    long before, and the operator's watchdog usually ends it sooner still.
+    """
+    from datetime import timedelta
+
+    return timedelta(seconds=float(os.environ.get(PG_TIMEOUT_ENV, DEFAULT_PG_TIMEOUT_S)))
 
 
 def init_distributed(local_rank: int | None) -> tuple[int, int, str]:
@@ -117,7 +132,9 @@ def init_distributed(local_rank: int | None) -> tuple[int, int, str]:
         from .infer import keep_shm_allreduce_off
 
         keep_shm_allreduce_off()
-    deepspeed.init_distributed(dist_backend=acc.communication_backend_name())
+    deepspeed.init_distributed(
+        dist_backend=acc.communication_backend_name(), timeout=process_group_timeout()
+    )
     import torch.distributed as dist
 
     return dist.get_rank(), dist.get_world_size(), acc.device_name()

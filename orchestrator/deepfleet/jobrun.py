@@ -1,0 +1,138 @@
+"""Running one launch on the cluster and ending it: whatever happens, nothing keeps running.
+
+Before: the launch files, a clean slate (heartbeats, processes an earlier job left) and
+the network preflight. During: the launcher's labelled output and the watchdog. After a
+rank dies, a node is lost, or the operator is interrupted (Ctrl-C, SIGTERM, SIGHUP):
+every rank on every node is stopped and the job ends with one line naming the node.
+
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from . import hostfile, launch, preflight, transfer
+from .cluster import CLUSTER_KEY, SSH_DIR, Session
+from .errors import JobError, ignoring_interrupts
+from .plan import RUN_DIR, ClusterPlan
+from .watchdog import HEARTBEAT_DIR, LivenessPolicy, Watchdog
+
+PG_TIMEOUT_ENV = "DEEPFLEET_PG_TIMEOUT"  # read by deepfleet_node.train.process_group_timeout
+HEARTBEAT_ENV = "DEEPFLEET_HEARTBEAT_DIR"  # read by deepfleet_node.heartbeat
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    liveness: LivenessPolicy = LivenessPolicy()
+    collective_timeout: float = 600.0  # a collective waiting on a peer gives up after this
+    preflight_timeout: float = 5.0
+
+
+def launch_env(plan: ClusterPlan, options: RunOptions) -> dict[str, str]:
+    return {
+        **plan.env,
+        "HF_HUB_OFFLINE": "1",
+        PG_TIMEOUT_ENV: f"{options.collective_timeout:.0f}",
+        HEARTBEAT_ENV: HEARTBEAT_DIR,
+    }
+
+
+def write_launch_files(session: Session, plan: ClusterPlan, options: RunOptions) -> None:
+    """The master's hostfile, .deepspeed_env and ssh config for this launch."""
+    master = session.master
+    container = session.container(master)
+    env = hostfile.render_deepspeed_env(launch_env(plan, options)).encode()
+    ssh_config = hostfile.render_ssh_config(plan, CLUSTER_KEY, f"{SSH_DIR}/known_hosts").encode()
+    transfer.put_files(
+        container, RUN_DIR, {"hostfile": (hostfile.render_hostfile(plan).encode(), 0o644)}, master
+    )
+    transfer.put_files(container, "/root", {".deepspeed_env": (env, 0o644)}, master)
+    transfer.put_files(container, SSH_DIR, {"config": (ssh_config, 0o600)}, master)
+
+
+def clean_slate(session: Session, containers: dict[str, str], out) -> None:
+    """No stamps or processes from an earlier job: its ranks would hold the ports."""
+    left = launch.stop_all(session.clients, containers)
+    for name in left:
+        out.write(f"[{name}] could not check for an earlier job's processes\n")
+    for name, container_id in containers.items():
+        api = session.clients[name].api
+        exec_id = api.exec_create(container_id, ["rm", "-rf", HEARTBEAT_DIR])["Id"]
+        api.exec_start(exec_id)
+
+
+def run_job(
+    session: Session,
+    module: str,
+    args: list[str],
+    out,
+    slots: dict | None = None,
+    secrets: dict | None = None,
+    options: RunOptions | None = None,
+) -> list[str]:
+    options = options or RunOptions()
+    plan = session.plan(**({"slots": {**session.state.slots, **slots}} if slots else {}))
+    master = session.master
+    containers = {n.name: session.node_state(n.name).container_id for n in plan.nodes}
+    every = {n.spec.name: n.container_id for n in session.state.nodes}
+    clean_slate(session, every, out)
+    write_launch_files(session, plan, options)
+    _preflight(session, plan, options, out)
+    spec = launch.launch_spec(plan, module, args)
+    out.write(f"deepfleet: {spec.shell()}\n")
+
+    def stop_everything(reason: str) -> None:
+        out.write(f"deepfleet: {reason}; stopping every rank\n")
+        out.flush()
+        launch.stop_all(session.clients, every)
+
+    def rank_failed(name: str, code: int) -> None:
+        if code == -1:
+            stop_everything(f"{name} dropped the launcher's ssh session")
+        else:
+            stop_everything(f"a rank on {name} exited with code {code}")
+
+    def lost(name: str, cause: str) -> None:
+        stop_everything(f"{name}: {cause}")
+
+    watchdog = Watchdog(session.clients, containers, options.liveness, lost)
+    try:
+        result = launch.run(
+            session.clients[master], containers[master], plan, spec, out,
+            redact=list((secrets or {}).values()), on_rank_failed=rank_failed, watchdog=watchdog,
+        )  # fmt: skip
+    except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM/SIGHUP (see cli.main)
+        watchdog.stop()
+        with ignoring_interrupts():  # a second Ctrl-C must not cut the stop short
+            stop_everything(f"interrupted ({getattr(exc, 'name', 'SIGINT')})")
+        raise
+    return _outcome(module, master, result)
+
+
+def _outcome(module: str, master: str, result: launch.LaunchResult) -> list[str]:
+    if result.lost:
+        name, cause = result.lost
+        raise JobError(f"{cause}; the ranks on the other nodes were stopped", 1, name)
+    if result.failed:
+        name, code = result.failed
+        why = result.errors.get(name)
+        if why is None and code < 0:
+            why = f"killed by signal {-code}" + (" (out of memory?)" if code == -9 else "")
+        raise JobError(
+            f"{module}: a rank exited with code {code}: {why or 'no error line'}; "
+            "the ranks on every node were stopped",
+            code if 0 < code < 256 else 1,  # a signal (-9) is no exit status
+            name,
+        )
+    if result.code != 0:
+        why = result.errors.get(master)
+        raise JobError(
+            f"{module} exited with code {result.code}" + (f": {why}" if why else ""),
+            result.code,
+            master,
+        )
+    return result.lines
+
+
+def _preflight(session: Session, plan: ClusterPlan, options: RunOptions, out) -> None:
+    preflight.run(session, plan, timeout=options.preflight_timeout, out=out)
