@@ -5,14 +5,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
-from . import cluster, doctor, jobs
+from . import cluster, doctor, jobs, launch
 from .build import BuildRequest, build
-from .errors import DeepfleetError, JobError
+from .connect import DEFAULT_STALL, STALL_ENV
+from .errors import DeepfleetError, Interrupted, JobError, raise_interrupted
 from .inventory import DEFAULT_SSH_CONFIG, resolve
+from .jobrun import RunOptions
 from .state import StateStore
+from .watchdog import LivenessPolicy
 
 
 def _split_nodes(values: list[str]) -> list[str]:
@@ -91,6 +95,9 @@ def cmd_down(args) -> int:
     warnings = cluster.down(StateStore(args.state_dir), volumes=args.volumes, timeout=args.timeout)
     for line in warnings:
         print(f"deepfleet: warning: {line}", file=sys.stderr)
+    if warnings:
+        print("deepfleet: cluster partly removed; what is left stays in the state")
+        return 1
     print("deepfleet: cluster removed")
     return 0
 
@@ -112,11 +119,51 @@ def _train_request(args) -> jobs.TrainRequest:
         global_batch=args.global_batch,
         slots=_slots(args.slots),
         extra=args.extra,
+        options=_run_options(args),
     )
 
 
-def cmd_fetch_model(args) -> int:
+def _run_options(args) -> RunOptions:
+    return RunOptions(
+        liveness=LivenessPolicy(
+            interval=min(10.0, max(1.0, args.liveness_timeout / 6)), timeout=args.liveness_timeout
+        ),
+        collective_timeout=args.collective_timeout,
+        preflight_timeout=args.preflight_timeout,
+    )
+
+
+def _add_run_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--liveness-timeout", type=float, default=LivenessPolicy().timeout, metavar="S",
+        help="end the job when a machine or rank shows no sign of life for this long",
+    )  # fmt: skip
+    p.add_argument(
+        "--collective-timeout", type=float, default=RunOptions().collective_timeout,
+        metavar="S", help="a collective waiting on a peer gives up after this (torch: 1800)",
+    )  # fmt: skip
+    p.add_argument(
+        "--preflight-timeout", type=float, default=RunOptions().preflight_timeout, metavar="S",
+        help="how long each network check waits for an answer",
+    )  # fmt: skip
+
+
+def cmd_stop(args) -> int:
     session = cluster.open_session(StateStore(args.state_dir), args.timeout)
+    try:
+        left = launch.stop_all(
+            session.clients, {n.spec.name: n.container_id for n in session.state.nodes}
+        )
+    finally:
+        session.close()
+    for name in left:
+        print(f"deepfleet: warning: {name}: did not answer; its ranks may still run")
+    print("deepfleet: every job process on the cluster stopped")
+    return 1 if left else 0
+
+
+def cmd_fetch_model(args) -> int:
+    session = cluster.open_session(StateStore(args.state_dir), args.timeout, heal=True)
     try:
         jobs.fetch_model(session, args.run, Path(args.dest or f"models/{args.run}"))
     finally:
@@ -132,7 +179,7 @@ def cmd_train(args) -> int:
         session = cluster.Session(state, {})
         print(jobs.train_dry_run(session.plan(), req))
         return 0
-    session = cluster.open_session(store, args.timeout)
+    session = cluster.open_session(store, args.timeout, heal=True)
     try:
         jobs.train(session, req)
     finally:
@@ -155,8 +202,9 @@ def cmd_infer(args) -> int:
         slots=_slots(args.slots),
         mode=args.mode,
         extra=args.extra,
+        options=_run_options(args),
     )
-    session = cluster.open_session(StateStore(args.state_dir), args.timeout)
+    session = cluster.open_session(StateStore(args.state_dir), args.timeout, heal=True)
     try:
         _, records = jobs.infer(session, req)
     finally:
@@ -184,6 +232,8 @@ def cmd_doctor(args) -> int:
         local = None
         print("[local] warn docker: no engine here, images cannot be streamed from this machine")
     checks = doctor.run(nodes, local, args.image, cluster_up, args.timeout)
+    if cluster_up:  # the same network checks a job's launch runs first
+        checks += doctor.cluster_network_checks(store, args.timeout)
     for check in checks:
         print(check.line())
     failed = [c for c in checks if c.level == "FAIL"]
@@ -212,6 +262,10 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepfleet", description=__doc__)
     p.add_argument("--state-dir", type=Path, default=None, help="default ./.deepfleet")
     p.add_argument("--timeout", type=float, default=15.0, help="SSH connect timeout (s)")
+    p.add_argument(
+        "--stall-timeout", type=float, default=None, metavar="S",
+        help=f"fail a transfer that makes no progress this long (default {DEFAULT_STALL:.0f})",
+    )  # fmt: skip
     sub = p.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", help="start one container per node and plan the cluster")
@@ -258,6 +312,7 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-every", type=int, default=0)
     tr.add_argument("--resume", action="store_true")
     tr.add_argument("--dry-run", action="store_true", help="print the launcher command only")
+    _add_run_options(tr)
     tr.add_argument("extra", nargs="*", help="passed to train.py after --")
     tr.set_defaults(func=cmd_train)
 
@@ -279,8 +334,12 @@ def parser() -> argparse.ArgumentParser:
         "--mode", default="auto", choices=("auto", "replicas", "tp", "zero"),
         help="auto: replicas when the model fits one device, else tp in a node, else ZeRO-3",
     )  # fmt: skip
+    _add_run_options(inf)
     inf.add_argument("extra", nargs="*", help="passed to infer.py after --")
     inf.set_defaults(func=cmd_infer)
+
+    sp = sub.add_parser("stop", help="stop every job process (launcher, ranks) on every node")
+    sp.set_defaults(func=cmd_stop)
 
     dr = sub.add_parser("doctor", help="check the machines and say how to fix what is wrong")
     dr.add_argument("nodes", nargs="*", help="default: the nodes of the cluster that is up")
@@ -311,6 +370,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.stall_timeout is not None:
+        os.environ[STALL_ENV] = str(args.stall_timeout)
+    # a closed terminal, `timeout` or a service stop must undo and stop as Ctrl-C does
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, raise_interrupted)
     try:
         return args.func(args)
     except JobError as exc:
@@ -323,6 +387,9 @@ def main(argv: list[str] | None = None) -> int:
     except DeepfleetError as exc:
         print(f"deepfleet: {exc.one_line()}", file=sys.stderr)
         return 1
+    except Interrupted as exc:
+        print(f"deepfleet: stopped by {exc.name}", file=sys.stderr)
+        return 128 + exc.signum
     except KeyboardInterrupt:
         print("deepfleet: interrupted", file=sys.stderr)
         return 130

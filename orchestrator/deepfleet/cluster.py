@@ -98,7 +98,14 @@ class Session:
 
     def container(self, name: str):
         node = self.node_state(name)
-        return self.clients[name].containers.get(node.container_id or node.container_name)
+        try:
+            return self.clients[name].containers.get(node.container_id or node.container_name)
+        except docker.errors.NotFound as exc:
+            raise ContainerError(
+                f"its node container {node.container_name} is gone; `deepfleet up` again "
+                "(or run a job: train and infer make it anew)",
+                name,
+            ) from exc
 
     def node_state(self, name: str) -> NodeState:
         for node in self.state.nodes:
@@ -126,13 +133,86 @@ class Session:
                 pass
 
 
-def open_session(store: StateStore, timeout: float = 15.0) -> Session:
+def open_session(
+    store: StateStore, timeout: float = 15.0, heal: bool = False, out=sys.stdout
+) -> Session:
+    """Connections to every node; with `heal`, node containers that stopped are started
+    again and missing ones made anew (their host keys pinned again everywhere)."""
     state = store.load()
     clients, errors = fan_out(
         state.inventory.nodes, lambda n: connect(n, timeout), lambda n: n.name
     )
+    if errors:
+        for client in clients.values():
+            client.close()
+        _raise_if(errors)
+    session = Session(state, clients)
+    if heal:
+        try:
+            heal_containers(session, store, out)
+        except BaseException:
+            session.close()
+            raise
+    return session
+
+
+def heal_containers(session: Session, store: StateStore, out=sys.stdout) -> list[str]:
+    """Start stopped node containers, recreate missing ones; the names of those it healed.
+
+    A machine that rebooted after `up` comes back with its container exited (the spec's
+    restart policy is "no"); someone may have removed it. Either way the cluster's key and
+    spec are in the state, so the container is made as `up` made it and wired again.
+    """
+    state = session.state
+    key = keys.read(store.key_path)
+
+    def heal(node: NodeState) -> str | None:
+        name = node.spec.name
+        client = session.clients[name]
+        status = containers.state_of(client, node.container_name or CONTAINER_NAME)
+        if status == "running":
+            return None
+        if status == "paused":
+            raise ContainerError(
+                f"its node container {node.container_name} is paused (frozen); "
+                f"`docker unpause {node.container_name}` on that machine",
+                name,
+            )
+        if status == "missing":
+            opts = _saved_options(state)
+            spec = container_spec(node.spec, node.flavor, state.cluster, key.public_openssh, opts)
+            container = containers.create_and_start(client, spec, name)
+            node.container_id, node.container_name = container.id, spec.name
+        else:  # exited, created, dead: start the one that is there
+            container = client.containers.get(node.container_name)
+            containers.start_existing(container, name)
+            node.container_id = container.id
+        node.host_key = containers.wait_host_key(container, name)
+        return status
+
+    results, errors = fan_out(state.nodes, heal, lambda n: n.spec.name)
+    healed = {name: status for name, status in results.items() if status}
+    if healed:
+        store.save(state)  # the new container IDs and host keys, before anything else fails
     _raise_if(errors)
-    return Session(state, clients)
+    if not healed:
+        return []
+    for name, status in healed.items():
+        _log(out, f"[{name}] node container was {status}; started it again")
+    clients = session.clients
+    plan = session.plan()
+    _wire_ssh(state, clients, plan, key)
+    store.save(state)
+    return sorted(healed)
+
+
+def _saved_options(state: ClusterState) -> UpOptions:
+    return UpOptions(
+        image=state.image or None,
+        compose_overrides=[Path(p) for p in state.compose_overrides],
+        cpu_slots=state.cpu_slots,
+        slots=dict(state.slots),
+    )
 
 
 def container_states(state: ClusterState, timeout: float) -> dict[str, str]:
@@ -260,6 +340,7 @@ def _start_containers(state, clients, pubkey, opts, store, out) -> None:
         client = clients[node.spec.name]
         spec = container_spec(node.spec, node.flavor, state.cluster, pubkey, opts)
         containers.remove_if_present(client, spec.name, node.spec.name, cluster=state.cluster)
+        node.container_name = spec.name  # before create: an undo must look for it
         container = containers.create_and_start(client, spec, node.spec.name)
         node.container_id, node.container_name = container.id, spec.name
         node.host_key = containers.wait_host_key(container, node.spec.name)
@@ -332,17 +413,29 @@ def _check_ssh(state: ClusterState, clients: dict, plan: ClusterPlan) -> None:
 
 
 def _undo(state: ClusterState, clients: dict, store: StateStore, out) -> None:
-    for node in state.nodes:
+    """Remove what a failed `up` made. A node whose container could not be removed stays
+    in the state (with the key), so `deepfleet down` can finish the job later."""
+
+    def remove(node: NodeState) -> None:
         client = clients.get(node.spec.name)
-        if client is None or not node.container_name:
-            continue
-        try:
+        if client is not None and node.container_name:
             containers.remove_if_present(
                 client, node.container_name, node.spec.name, cluster=state.cluster
             )
-        except Exception as exc:
-            _log(out, f"warning: {node.spec.name}: could not remove {node.container_name}: {exc}")
-    store.remove()
+
+    made = [n for n in state.nodes if n.container_name]
+    _, errors = fan_out(made, remove, lambda n: n.spec.name)
+    if not errors:
+        store.remove()
+        return
+    state.nodes = [n for n in state.nodes if n.spec.name in errors]
+    store.save(state)
+    for name, exc in errors.items():
+        _log(
+            out,
+            f"deepfleet: warning: {name}: could not remove its node container "
+            f"({exc.one_line()}); `deepfleet down` will finish when it answers",
+        )
 
 
 def down(
@@ -374,6 +467,13 @@ def down(
     for name, removed in results.items():
         _log(out, f"[{name}] container {'removed' if removed else 'was already gone'}")
     for name, exc in errors.items():
-        warnings.append(f"{name}: not cleaned ({exc.one_line()}); its container may remain")
-    store.remove()
+        warnings.append(
+            f"{name}: not cleaned ({exc.one_line()}); its container may remain: "
+            "`deepfleet down` again when it answers"
+        )
+    if errors:  # keep what is left to clean, and the key it may still need
+        state.nodes = [n for n in state.nodes if n.spec.name in errors]
+        store.save(state)
+    else:
+        store.remove()
     return warnings

@@ -15,18 +15,20 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import hostfile, inferplan, launch, transfer
+from . import inferplan, inputs, launch, transfer
 from .cluster import Session
 from .connect import fan_out
 from .containers import exec_text
-from .errors import DeepfleetError, JobError
-from .plan import RUN_DIR, ClusterPlan
+from .errors import DeepfleetError, InputError
+from .jobrun import RunOptions, run_job
 
 # Passed to the nodes' download step through the exec environment only: never in a file,
 # an image, the launcher's command line or its logs.
 SECRET_ENV = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 # Hub settings of the operator's that the download step honours too (mirrors, offline).
 HUB_ENV = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_ENABLE_HF_TRANSFER")
+# What a model needs from its hub repo (transformers 5 keeps chat templates in .jinja).
+HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.jinja", "tokenizer*"]
 
 MODELS = "/workspace/models"
 DATA = "/workspace/data"
@@ -53,6 +55,7 @@ class TrainRequest:
     global_batch: int | None = None
     slots: dict[str, int] = field(default_factory=dict)
     extra: list[str] = field(default_factory=list)
+    options: RunOptions = field(default_factory=RunOptions)
 
 
 @dataclass
@@ -70,6 +73,7 @@ class InferRequest:
     slots: dict[str, int] = field(default_factory=dict)
     mode: str = "auto"
     extra: list[str] = field(default_factory=list)
+    options: RunOptions = field(default_factory=RunOptions)
 
 
 def is_local(path: str) -> bool:
@@ -119,14 +123,22 @@ def infer_args(
     return args + list(req.extra)
 
 
+def _local_path(local: str) -> Path:
+    # absolute but not resolved: a symlinked file (the HF cache's) keeps its own name
+    return Path(os.path.abspath(Path(local).expanduser()))
+
+
 def _target_for(local: str, root: str) -> str:
-    path = Path(local).expanduser().resolve()
-    return f"{root}/{path.stem if path.is_file() else path.name}"
+    path = _local_path(local)
+    name = path.stem if path.is_file() else path.name
+    if path.parent.name == "snapshots" and path.parent.parent.name.startswith("models--"):
+        name = path.parent.parent.name.removeprefix("models--")  # a snapshot: its repo's name
+    return f"{root}/{name}"
 
 
 def _in_container_path(local: str, root: str) -> str:
     """Where a pushed local file/dir lands: a file goes inside a directory of its stem."""
-    path = Path(local).expanduser().resolve()
+    path = _local_path(local)
     target = _target_for(local, root)
     return f"{target}/{path.name}" if path.is_file() else target
 
@@ -191,16 +203,25 @@ def prefetch_hub_model(session: Session, model: str, env: dict[str, str], out) -
 
     Ranks then load it with HF_HUB_OFFLINE=1, so the token never has to reach them.
     """
+    # The hub's own message, first line only, on stderr: huggingface_hub's last line is
+    # often just a link to its docs.
     script = (
-        "import sys; from huggingface_hub import snapshot_download; "
-        "print(snapshot_download(sys.argv[1], allow_patterns=['*.json', '*.safetensors', "
-        "'*.model', '*.txt', '*.py', 'tokenizer*']))"
+        "import sys\n"
+        "from huggingface_hub import snapshot_download\n"
+        "try:\n"
+        "    print(snapshot_download(sys.argv[1], allow_patterns=" + repr(HUB_FILES) + "))\n"
+        "except Exception as exc:\n"
+        "    text = (str(exc).strip().splitlines() or [''])[0]\n"
+        "    sys.exit(f'error: {type(exc).__name__}: {text}')\n"
     )
 
     def fetch(node):
         name = node.spec.name
         try:
-            exec_text(session.container(name), ["python", "-c", script, model], name, env=env)
+            exec_text(
+                session.container(name), ["python", "-c", script, model], name,
+                env={**env, "HF_HUB_DISABLE_TELEMETRY": "1"},
+            )  # fmt: skip
         except DeepfleetError as exc:
             cause = getattr(exc, "cause", str(exc))
             raise DeepfleetError(f"cannot download {model}: {cause}", name) from exc
@@ -215,88 +236,41 @@ def prefetch_hub_model(session: Session, model: str, env: dict[str, str], out) -
 def resolve_model(session: Session, model: str, out, secrets: dict[str, str]) -> str:
     """A model argument as the ranks will see it: local dirs copied, hub names cached."""
     if is_local(model):
-        return _push_everywhere(session, model, MODELS, out)
+        # A hub cache folder (models--org--name) stands for its snapshot, which is copied.
+        folder = inputs.check_model_dir(Path(model).expanduser())
+        return _push_everywhere(session, str(folder), MODELS, out)
     prefetch_hub_model(session, model, {**hub_settings(os.environ), **secrets}, out)
     return model
 
 
 def prepare_train(session: Session, req: TrainRequest, out, secrets=None) -> tuple[str, str]:
+    # Both inputs are checked before anything is built or copied: a bad row or a folder
+    # without weights is one line here, not a transfer followed by a traceback per rank.
+    # (resolve_model checks the model again; that is a few small files.)
+    if req.data != DEMO:
+        if not is_local(req.data):
+            raise DeepfleetError(f"data {req.data!r} is not a file or directory on this machine")
+        inputs.check_data(Path(req.data).expanduser())
+    if req.model != DEMO and is_local(req.model):
+        inputs.check_model_dir(Path(req.model).expanduser())
     if req.model == DEMO or req.data == DEMO:
         _ensure_demo_assets(session, out)
     model = DEMO_MODEL
     if req.model != DEMO:
         model = resolve_model(session, req.model, out, secrets or {})
-    data = f"{DEMO_DATA}/train.txt" if req.data == DEMO else req.data
+    data = f"{DEMO_DATA}/train.txt"
     if req.data != DEMO:
-        if not is_local(req.data):
-            raise DeepfleetError(f"data {req.data!r} is not a file or directory on this machine")
         data = _push_everywhere(session, req.data, DATA, out)
     return model, data
-
-
-def write_launch_files(session: Session, plan: ClusterPlan) -> None:
-    """The master's hostfile and .deepspeed_env for this launch (slots may differ per job)."""
-    master = session.master
-    env = {**plan.env, "HF_HUB_OFFLINE": "1"}
-    transfer.put_files(
-        session.container(master),
-        RUN_DIR,
-        {"hostfile": (hostfile.render_hostfile(plan).encode(), 0o644)},
-        master,
-    )
-    transfer.put_files(
-        session.container(master),
-        "/root",
-        {".deepspeed_env": (hostfile.render_deepspeed_env(env).encode(), 0o644)},
-        master,
-    )
-
-
-def _run_launcher(
-    session: Session, module: str, args: list[str], out, slots: dict | None = None,
-    secrets: dict | None = None,
-) -> list[str]:  # fmt: skip
-    plan = session.plan(**({"slots": {**session.state.slots, **slots}} if slots else {}))
-    write_launch_files(session, plan)
-    spec = launch.launch_spec(plan, module, args)
-    out.write(f"deepfleet: {spec.shell()}\n")
-    master = session.master
-    node = session.node_state(master)
-    containers = {n.spec.name: n.container_id for n in session.state.nodes}
-
-    def rank_failed(name: str, code: int) -> None:
-        out.write(f"deepfleet: a rank on {name} exited with code {code}; stopping every rank\n")
-        launch.stop_all(session.clients, containers)
-
-    try:
-        result = launch.run(
-            session.clients[master], node.container_id, plan, spec, out,
-            redact=list((secrets or {}).values()), on_rank_failed=rank_failed,
-        )  # fmt: skip
-    except KeyboardInterrupt:
-        out.write("deepfleet: interrupted; stopping every rank\n")
-        launch.stop_all(session.clients, containers)
-        raise
-    if result.failed:
-        name, code = result.failed
-        raise JobError(
-            f"{module}: a rank exited with code {code}; the ranks on every node were stopped "
-            "(its lines above say why)",
-            code if 0 < code < 256 else 1,  # a signal (-9) is no exit status
-            name,
-        )
-    if result.code != 0:
-        raise JobError(f"{module} exited with code {result.code}", result.code, master)
-    return result.lines
 
 
 def train(session: Session, req: TrainRequest, out=sys.stdout, environ=None) -> list[str]:
     secrets = secrets_from(environ if environ is not None else os.environ)
     model, data = prepare_train(session, req, out, secrets)
     precision = session.plan().precision
-    return _run_launcher(
+    return run_job(
         session, "deepfleet_node.train", train_args(req, model, data, precision), out, req.slots,
-        secrets,
+        secrets, req.options,
     )  # fmt: skip
 
 
@@ -304,7 +278,11 @@ def train_dry_run(session_plan, req: TrainRequest) -> str:
     model = (
         DEMO_MODEL
         if req.model == DEMO
-        else (_in_container_path(req.model, MODELS) if is_local(req.model) else req.model)
+        else (
+            _in_container_path(str(inputs.check_model_dir(Path(req.model).expanduser())), MODELS)
+            if is_local(req.model)
+            else req.model
+        )
     )
     data = f"{DEMO_DATA}/train.txt" if req.data == DEMO else _in_container_path(req.data, DATA)
     args = train_args(req, model, data, session_plan.precision)
@@ -313,18 +291,13 @@ def train_dry_run(session_plan, req: TrainRequest) -> str:
 
 def _prompt_records(req: InferRequest) -> bytes:
     if req.prompts_file:
-        path = Path(req.prompts_file).expanduser()
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise DeepfleetError(f"cannot read prompts file {path}: {exc.strerror}") from exc
-        if path.suffix == ".jsonl":
-            return text.encode()
-        return "".join(
-            json.dumps({"prompt": line}) + "\n" for line in text.splitlines() if line.strip()
-        ).encode()
-    if not req.prompts:
-        raise DeepfleetError("no prompt given (PROMPT=... or PROMPTS=file)")
+        return inputs.prompt_records(Path(req.prompts_file).expanduser())
+    # `make infer` without PROMPT passes --prompt "": that is no prompt, not an empty one.
+    if not any(p.strip() for p in req.prompts):
+        raise InputError("no prompt given (PROMPT=... or PROMPTS=file)")
+    for number, prompt in enumerate(req.prompts, 1):
+        if not prompt.strip():
+            raise InputError(f"--prompt {number} of {len(req.prompts)} is empty")
     return "".join(json.dumps({"prompt": p}) + "\n" for p in req.prompts).encode()
 
 
@@ -334,12 +307,12 @@ def infer(
     secrets = secrets_from(environ if environ is not None else os.environ)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     job = f"{run_dir(req.run)}/infer-{stamp}"
+    prompts = _prompt_records(req)  # checked before anything is copied
     if not req.model:
         model = f"{run_dir(req.run)}/final"
         _replicate_from_master(session, model, out)
     else:
         model = resolve_model(session, req.model, out, secrets)
-    prompts = _prompt_records(req)
     for node in session.state.nodes:
         transfer.put_files(
             session.container(node.spec.name),
@@ -349,10 +322,10 @@ def infer(
         )
     result = f"{job}/results.jsonl"
     chosen = plan_inference(session, req, model, out)
-    _run_launcher(
+    run_job(
         session, "deepfleet_node.infer",
         infer_args(req, model, f"{job}/prompts.jsonl", result, chosen.mode),
-        out, chosen.slots, secrets,
+        out, chosen.slots, secrets, req.options,
     )  # fmt: skip
     data = transfer.fetch_file(session.container(session.master), result, session.master)
     local = Path(req.output or f"outputs/{req.run}-{stamp}.jsonl")
