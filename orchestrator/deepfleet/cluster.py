@@ -198,7 +198,8 @@ def heal_containers(session: Session, store: StateStore, out=sys.stdout) -> list
     if not healed:
         return []
     for name, status in healed.items():
-        _log(out, f"[{name}] node container was {status}; started it again")
+        done = "made it anew" if status == "missing" else "started it again"
+        _log(out, f"[{name}] node container was {status}; {done}")
     clients = session.clients
     plan = session.plan()
     _wire_ssh(state, clients, plan, key)

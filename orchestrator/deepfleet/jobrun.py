@@ -69,19 +69,27 @@ def run_job(
     slots: dict | None = None,
     secrets: dict | None = None,
     options: RunOptions | None = None,
+    checked: bool = False,
 ) -> list[str]:
+    """Launch `module` on the plan; `checked`: the network preflight already ran."""
     options = options or RunOptions()
-    plan = session.plan(**({"slots": {**session.state.slots, **slots}} if slots else {}))
+    plan = job_plan(session, slots)
     master = session.master
     containers = {n.name: session.node_state(n.name).container_id for n in plan.nodes}
     every = {n.spec.name: n.container_id for n in session.state.nodes}
     clean_slate(session, every, out)
     write_launch_files(session, plan, options)
-    _preflight(session, plan, options, out)
+    if not checked:
+        check_network(session, slots, options, out)
     spec = launch.launch_spec(plan, module, args)
     out.write(f"deepfleet: {spec.shell()}\n")
 
+    stopped: list[str] = []  # the first fault stops the job; what it sets off is its echo
+
     def stop_everything(reason: str) -> None:
+        if stopped:
+            return
+        stopped.append(reason)
         out.write(f"deepfleet: {reason}; stopping every rank\n")
         out.flush()
         launch.stop_all(session.clients, every)
@@ -134,5 +142,10 @@ def _outcome(module: str, master: str, result: launch.LaunchResult) -> list[str]
     return result.lines
 
 
-def _preflight(session: Session, plan: ClusterPlan, options: RunOptions, out) -> None:
-    preflight.run(session, plan, timeout=options.preflight_timeout, out=out)
+def job_plan(session: Session, slots: dict | None) -> ClusterPlan:
+    return session.plan(**({"slots": {**session.state.slots, **slots}} if slots else {}))
+
+
+def check_network(session: Session, slots: dict | None, options: RunOptions, out) -> None:
+    """The preflight, before anything is copied: a blocked port fails in seconds."""
+    preflight.run(session, job_plan(session, slots), timeout=options.preflight_timeout, out=out)

@@ -20,7 +20,7 @@ from .cluster import Session
 from .connect import fan_out
 from .containers import exec_text
 from .errors import DeepfleetError, InputError
-from .jobrun import RunOptions, run_job
+from .jobrun import RunOptions, check_network, run_job
 
 # Passed to the nodes' download step through the exec environment only: never in a file,
 # an image, the launcher's command line or its logs.
@@ -243,16 +243,19 @@ def resolve_model(session: Session, model: str, out, secrets: dict[str, str]) ->
     return model
 
 
-def prepare_train(session: Session, req: TrainRequest, out, secrets=None) -> tuple[str, str]:
-    # Both inputs are checked before anything is built or copied: a bad row or a folder
-    # without weights is one line here, not a transfer followed by a traceback per rank.
-    # (resolve_model checks the model again; that is a few small files.)
+def check_inputs(req: TrainRequest) -> None:
+    """Both inputs, before anything is built or copied: a bad row or a folder without
+    weights is one line here, not a transfer followed by a traceback per rank."""
     if req.data != DEMO:
         if not is_local(req.data):
             raise DeepfleetError(f"data {req.data!r} is not a file or directory on this machine")
         inputs.check_data(Path(req.data).expanduser())
     if req.model != DEMO and is_local(req.model):
         inputs.check_model_dir(Path(req.model).expanduser())
+
+
+def prepare_train(session: Session, req: TrainRequest, out, secrets=None) -> tuple[str, str]:
+    # (resolve_model checks the model again; that is a few small files)
     if req.model == DEMO or req.data == DEMO:
         _ensure_demo_assets(session, out)
     model = DEMO_MODEL
@@ -266,11 +269,13 @@ def prepare_train(session: Session, req: TrainRequest, out, secrets=None) -> tup
 
 def train(session: Session, req: TrainRequest, out=sys.stdout, environ=None) -> list[str]:
     secrets = secrets_from(environ if environ is not None else os.environ)
+    check_inputs(req)
+    check_network(session, req.slots, req.options, out)
     model, data = prepare_train(session, req, out, secrets)
     precision = session.plan().precision
     return run_job(
         session, "deepfleet_node.train", train_args(req, model, data, precision), out, req.slots,
-        secrets, req.options,
+        secrets, req.options, checked=True,
     )  # fmt: skip
 
 
@@ -308,6 +313,7 @@ def infer(
     stamp = time.strftime("%Y%m%d-%H%M%S")
     job = f"{run_dir(req.run)}/infer-{stamp}"
     prompts = _prompt_records(req)  # checked before anything is copied
+    check_network(session, req.slots, req.options, out)
     if not req.model:
         model = f"{run_dir(req.run)}/final"
         _replicate_from_master(session, model, out)

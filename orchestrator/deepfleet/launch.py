@@ -29,7 +29,9 @@ RANK_FAILED = re.compile(r"sigkill_handler\].* exits with return code = (-?\d+)"
 SSH_LOST = re.compile(r"^pdsh@\S+: (\S+): ssh exited with exit code (255)")
 # The last line of a Python traceback, or a rank's own `error:` line: what the job's one
 # closing line quotes when that rank dies.
-ERROR_LINE = re.compile(r"^(?:[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)|error)\b:? ?(.*)")
+ERROR_LINE = re.compile(
+    r"^(?:\[rank\d+\]:\s*)?((?:[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)|error)\b:? ?.*)"
+)  # torch prefixes a rank's traceback lines with [rankN]:
 # Processes a job leaves in a node container: the launcher, pdsh, its ssh hops, the ranks.
 # The brackets keep the pattern from matching the shell that runs pkill with it.
 JOB_PROCESSES = "[d]eepspeed|[d]eepfleet_node[.](train|infer)|[p]dsh"
@@ -116,8 +118,9 @@ class LinePrefixer:
         labelled = f"[{node}] {text}"
         self.lines.append(labelled)
         self.write(labelled + "\n")
-        if ERROR_LINE.match(text.strip()):
-            self.errors[node] = text.strip()
+        error = ERROR_LINE.match(text.strip())
+        if error:
+            self.errors[node] = error.group(1)
         failed = RANK_FAILED.search(text)
         if failed and self.failed is None:
             self.failed = (node, int(failed.group(1)))
@@ -167,8 +170,8 @@ def run(
         for frame in stream.frames(poll=1.0):
             if frame is not None:
                 prefixer.feed(frame.data)
-            if watchdog is not None and watchdog.lost:
-                break
+            if watchdog is not None and watchdog.settled.is_set():
+                break  # a node was lost and every rank it could reach is stopped
     finally:
         if watchdog is not None:
             watchdog.stop()

@@ -102,6 +102,7 @@ class Watchdog:
         self.on_lost = on_lost
         self.asker = asker
         self.lost: tuple[str, str] | None = None
+        self.settled = threading.Event()  # set once on_lost has returned (the stop is done)
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._last_answer = {name: time.monotonic() for name in containers}
@@ -157,4 +158,7 @@ class Watchdog:
                 return
             self.lost = (name, cause)
         self._stop.set()
-        self.on_lost(name, cause)
+        try:
+            self.on_lost(name, cause)
+        finally:
+            self.settled.set()

@@ -1,4 +1,7 @@
-"""A real 2-machine simulated LAN and a real deepfleet cluster on it, once per session.
+"""A real 3-machine simulated LAN and a real deepfleet cluster on it, once per session.
+
+Three, not two: the paths that run on every machine at once (streaming the image onto
+fresh engines, a job's mesh) are where two machines hide what a third shows.
 
 The lab's machines are containers with their own Docker engine and sshd (docker/lab.py);
 deepfleet reaches them only over SSH, as it would a real LAN.
@@ -6,9 +9,13 @@ deepfleet reaches them only over SSH, as it would a real LAN.
 
 from __future__ import annotations
 
+import json
+
 import docker
 import pytest
-from labtools import Cluster, Lab, lab_module
+from labtools import NODE_ENV, Cluster, Lab, lab_module
+
+LAB_MACHINES = 3
 
 
 @pytest.fixture(scope="session")
@@ -24,7 +31,7 @@ def outer_docker():
 @pytest.fixture(scope="session")
 def lab(outer_docker, tmp_path_factory) -> Lab:
     directory = tmp_path_factory.mktemp("lab") / "lab"
-    nodes = lab_module.up(2, directory, client=outer_docker)
+    nodes = lab_module.up(LAB_MACHINES, directory, client=outer_docker)
     yield Lab(directory, nodes)
     lab_module.down(outer_docker, directory)
 
@@ -33,11 +40,20 @@ def lab(outer_docker, tmp_path_factory) -> Lab:
 def cluster(lab, tmp_path_factory) -> Cluster:
     state_dir = tmp_path_factory.mktemp("state") / "deepfleet"
     c = Cluster(lab, state_dir, "")
+    # what a user sets under the node service's environment: (HSA_OVERRIDE_GFX_VERSION,
+    # WANDB_*): every rank on every machine must see it
+    node_env = lab.dir / "node-env.override.yml"
+    node_env.write_text(
+        "services:\n  node:\n    environment:\n"
+        + "".join(f"      {k}: {json.dumps(v)}\n" for k, v in NODE_ENV.items())
+    )
     result = c.run(
         "up",
         "--ssh-config", str(lab.ssh_config),
         "--compose-override", str(lab.override),
+        "--compose-override", str(node_env),
         *(n.name for n in lab.nodes),
+        timeout=1800,
     )  # fmt: skip
     c.up_output = result.stdout
     yield c

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +21,11 @@ sys.path.insert(0, str(ROOT / "docker"))
 import lab as lab_module  # noqa: E402, F401  (docker/lab.py, re-exported for the fixtures)
 
 DEEPFLEET = [sys.executable, "-m", "deepfleet.cli"]
+STEP_RE = re.compile(r"^\[(\S+)\] step (\d+)/(\d+) loss ([0-9.]+)")
+# Set for the node service by the session cluster's compose override (conftest).
+NODE_ENV = {"DEEPFLEET_LAB_PROBE": "set in compose", "WANDB_NOTES": 'two words "quoted"'}
+# Any process a job leaves in a node container: the launcher, pdsh, the ranks.
+JOB_PROCESSES = "deepfleet_node[.](train|infer)|deepspeed|pdsh"
 
 
 @dataclass
@@ -73,3 +80,46 @@ class Cluster:
             timeout=600,
         )
         return result.returncode, result.stdout + result.stderr
+
+
+def steps(text: str) -> list[tuple[int, float]]:
+    return [
+        (int(m.group(2)), float(m.group(4))) for m in map(STEP_RE.match, text.splitlines()) if m
+    ]
+
+
+def running_ranks(cluster, pattern: str = JOB_PROCESSES) -> list[str]:
+    found = []
+    for index in range(len(cluster.lab.nodes)):
+        code, out = cluster.node_exec(index, ["pgrep", "-af", pattern])
+        if code == 0:
+            found.append(f"{cluster.lab.nodes[index].name}: {out.strip()}")
+    return found
+
+
+def ranks_gone(cluster, within: float = 30) -> list[str]:
+    """The job processes still running once they have had `within` seconds to stop."""
+    deadline = time.monotonic() + within
+    while running_ranks(cluster) and time.monotonic() < deadline:
+        time.sleep(1)
+    return running_ranks(cluster)
+
+
+def train_until_step(
+    cluster, args, step: int, stderr=subprocess.STDOUT, within: float = 900, argv=None
+):
+    """Start `deepfleet ARGS` (a train command), or `argv`, and read its output until rank 0
+    logs `step`."""
+    proc = subprocess.Popen(
+        argv or [*DEEPFLEET, *args],
+        cwd=ROOT, env=cluster.env(), stdout=subprocess.PIPE, stderr=stderr, text=True,
+    )  # fmt: skip
+    seen = []
+    deadline = time.monotonic() + within
+    for line in proc.stdout:
+        seen.append(line)
+        match = STEP_RE.match(line)
+        if match and int(match.group(2)) >= step:
+            break
+        assert time.monotonic() < deadline, "".join(seen[-50:])
+    return proc, seen

@@ -1,7 +1,7 @@
 """The whole path on a 2-machine simulated LAN: up, status, hostfile, train, infer, down.
 
-Tests run in file order on one cluster (building it streams the image to both machines);
-the last test takes the cluster down with one machine unreachable.
+Tests run in file order on one cluster of three machines (building it streams the image to
+all three at once, onto fresh engines).
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ RUN = "it"
 PROMPTS = ["The lighthouse keeper", "The first boat is", "She writes the weather"]
 
 
-def test_up_reports_both_nodes(cluster):
+def test_up_reports_every_node(cluster):
     status = json.loads(cluster.run("status", "--json").stdout)
     nodes = {n["node"]: n for n in status["nodes"]}
-    assert set(nodes) == {"lab1", "lab2"}
+    assert set(nodes) == {n.name for n in cluster.lab.nodes} == {"lab1", "lab2", "lab3"}
     for node in nodes.values():
         assert node["state"] == "running"
         assert node["versions"]["deepspeed"] == "0.19.8"
@@ -37,12 +37,12 @@ def test_up_reports_both_nodes(cluster):
 def test_doctor_passes_on_the_running_cluster(cluster):
     result = cluster.run("doctor")
     assert "0 failed" in result.stdout
-    for node in ("lab1", "lab2"):
+    for node in ("lab1", "lab2", "lab3"):
         assert f"[{node}] ok   gpus: none; flavor cpu" in result.stdout
         assert f"[{node}] ok   image: deepfleet/cpu:latest present" in result.stdout
 
 
-def test_hostfile_lists_both_nodes_and_parses_with_deepspeed(cluster):
+def test_hostfile_lists_every_node_and_parses_with_deepspeed(cluster):
     code, out = cluster.node_exec(
         0,
         [
@@ -79,9 +79,9 @@ def test_two_node_training_with_unequal_slots_lowers_loss(cluster):
     losses = [float(m.group(4)) for m in map(STEP_RE.match, lines) if m]
     assert len(losses) >= 4, result.stdout[-3000:]
     assert losses[-1] < losses[0] * 0.8, losses
-    # both machines ran ranks: the launcher's per-node output is labelled with each name
-    assert any(line.startswith("[lab2] ") for line in lines), result.stdout[-3000:]
-    assert any(line.startswith("[lab1] ") for line in lines)
+    # every machine ran ranks: the launcher's per-node output is labelled with each name
+    for node in cluster.lab.nodes:
+        assert any(line.startswith(f"[{node.name}] ") for line in lines), result.stdout[-3000:]
 
 
 def test_checkpoints_and_export_exist(cluster):
@@ -109,8 +109,8 @@ def test_make_infer_three_replicas_equal_single_process_generate(cluster, tmp_pa
     )  # fmt: skip
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "inference mode replicas" in result.stdout
-    # three replicas: two ranks on lab1, one on lab2
-    assert "dist_world_size=3" in result.stdout, result.stdout[-3000:]
+    # four replicas: two ranks on lab1, one on each other machine
+    assert "dist_world_size=4" in result.stdout, result.stdout[-3000:]
     got = [json.loads(line) for line in output.read_text().splitlines()]
     assert [r["prompt"] for r in got] == PROMPTS
 

@@ -9,21 +9,13 @@ import threading
 import time
 
 import pytest
+from unitdata import two_node_plan
 
 from deepfleet.errors import JobError
 from deepfleet.execstream import ExecStream, Frame
 from deepfleet.jobrun import _outcome
 from deepfleet.launch import LaunchResult, LinePrefixer
-from deepfleet.plan import ClusterPlan, PlannedNode
 from deepfleet.watchdog import LivenessPolicy, NodeAnswer, Watchdog, parse_heartbeats, verdict
-
-
-def _plan():
-    nodes = (
-        PlannedNode("lab1", "10.0.0.2", 1, "cpu", 0),
-        PlannedNode("lab2", "10.0.0.3", 2, "cpu", 0),
-    )
-    return ClusterPlan(nodes=nodes, master_addr="10.0.0.2", master_port=29500, backend="gloo")
 
 
 def test_heartbeat_ages_are_measured_on_the_nodes_own_clock():
@@ -89,7 +81,7 @@ def test_a_paused_container_is_lost_at_the_next_answer_and_only_once():
         time.sleep(0.05)
     time.sleep(0.5)
     assert len(lost) == 1 and lost[0][1] == "lab1" and "paused" in lost[0][2]
-    assert dog.lost == ("lab1", lost[0][2])
+    assert dog.lost == ("lab1", lost[0][2]) and dog.settled.is_set()
 
 
 def test_a_healthy_cluster_is_never_declared_lost():
@@ -102,20 +94,20 @@ def test_a_healthy_cluster_is_never_declared_lost():
 
 def test_pdsh_reporting_a_dead_ssh_hop_names_that_node():
     calls, out = [], []
-    p = LinePrefixer(_plan(), out.append, on_rank_failed=lambda *a: calls.append(a))
+    p = LinePrefixer(two_node_plan(), out.append, on_rank_failed=lambda *a: calls.append(a))
     p.feed(b"pdsh@lab1: 10.0.0.3: ssh exited with exit code 255\n")
     assert p.lost == ("lab2", "the launcher's ssh session to it ended (exit 255)")
     assert calls == [("lab2", -1)] and out == [
         "[lab2] pdsh@lab1: 10.0.0.3: ssh exited with exit code 255\n"
     ]
     # a remote command that merely failed (exit 1) is the rank-failure path's to report
-    q = LinePrefixer(_plan(), out.append)
+    q = LinePrefixer(two_node_plan(), out.append)
     q.feed(b"pdsh@lab1: 10.0.0.3: ssh exited with exit code 1\n")
     assert q.lost is None
 
 
 def test_each_nodes_last_error_line_is_kept():
-    p = LinePrefixer(_plan(), [].append)
+    p = LinePrefixer(two_node_plan(), [].append)
     p.feed(
         b"10.0.0.3: Traceback (most recent call last):\n"
         b'10.0.0.3:   File "x.py", line 1, in <module>\n'
@@ -183,3 +175,9 @@ def test_exec_frames_survive_polls_that_split_them():
     assert None in got
     assert frames == [Frame(1, b"hello "), Frame(2, b"oops\n"), Frame(1, b"world\n")]
     assert stream.exit_code() == 3
+
+
+def test_torchs_rank_prefix_is_dropped_from_the_quoted_error():
+    p = LinePrefixer(two_node_plan(), [].append)
+    p.feed(b"10.0.0.3: [rank1]: ModuleNotFoundError: No module named 'nosuchmod'\n")
+    assert p.errors == {"lab2": "ModuleNotFoundError: No module named 'nosuchmod'"}

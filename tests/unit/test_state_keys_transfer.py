@@ -5,13 +5,12 @@ import tarfile
 from pathlib import Path
 
 import pytest
-from unitdata import detect_report
+from unitdata import detect_report, two_node_plan
 
 from deepfleet import keys, transfer
 from deepfleet.errors import StateError
 from deepfleet.inventory import NodeSpec
 from deepfleet.launch import LinePrefixer, launch_spec
-from deepfleet.plan import ClusterPlan, PlannedNode
 from deepfleet.state import ClusterState, NodeState, StateStore
 
 
@@ -108,17 +107,9 @@ def test_tar_files_modes():
         assert tar.extractfile(member).read() == b"Host *\n"
 
 
-def _plan():
-    nodes = (
-        PlannedNode("lab1", "10.0.0.2", 1, "cpu", 0),
-        PlannedNode("lab2", "10.0.0.3", 2, "cpu", 0),
-    )
-    return ClusterPlan(nodes=nodes, master_addr="10.0.0.2", master_port=29500, backend="gloo")
-
-
 def test_prefixer_labels_pdsh_lines_with_node_names():
     out = []
-    p = LinePrefixer(_plan(), out.append)
+    p = LinePrefixer(two_node_plan(), out.append)
     p.feed(b"10.0.0.3: step 5/60 loss 4.1\n[INFO] runner starting\n10.0.0.2: ste")
     p.feed(b"p 5/60 loss 4.0\npartial")
     p.close()
@@ -138,14 +129,14 @@ def test_the_first_dead_rank_is_reported_once_with_its_node():
         b"exits with return code = -9\n"
     )
     calls, out = [], []
-    p = LinePrefixer(_plan(), out.append, on_rank_failed=lambda *a: calls.append(a))
+    p = LinePrefixer(two_node_plan(), out.append, on_rank_failed=lambda *a: calls.append(a))
     p.feed(b"10.0.0.2: step 5/60 loss 4.0\n" + died + died.replace(b"10.0.0.3", b"10.0.0.2"))
     assert calls == [("lab2", -9)] and p.failed == ("lab2", -9)
     assert out[1].startswith("[lab2] [2026-11-25 16:20:40,326] [ERROR]")
 
 
 def test_launch_spec_has_explicit_master_and_ssh_port():
-    spec = launch_spec(_plan(), "deepfleet_node.train", ["--steps", "3"])
+    spec = launch_spec(two_node_plan(), "deepfleet_node.train", ["--steps", "3"])
     argv = list(spec.argv)
     assert argv[0] == "deepspeed"
     assert argv[argv.index("--master_addr") + 1] == "10.0.0.2"

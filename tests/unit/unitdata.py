@@ -77,3 +77,14 @@ def rep(**over):
     from deepfleet import reports
 
     return reports.parse(json.dumps(detect_report(**over)))
+
+
+def two_node_plan():
+    """lab1 (10.0.0.2, the master, 1 slot) and lab2 (10.0.0.3, 2 slots), on CPU."""
+    from deepfleet.plan import ClusterPlan, PlannedNode
+
+    nodes = (
+        PlannedNode("lab1", "10.0.0.2", 1, "cpu", 0),
+        PlannedNode("lab2", "10.0.0.3", 2, "cpu", 0),
+    )
+    return ClusterPlan(nodes=nodes, master_addr="10.0.0.2", master_port=29500, backend="gloo")
