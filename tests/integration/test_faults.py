@@ -166,6 +166,26 @@ def test_a_machine_that_stops_answering_ends_the_job_within_the_liveness_bound(c
     assert ranks_gone(cluster, within=90) == []
 
 
+def test_a_stopped_rank_process_is_found_by_its_heartbeat(cluster):
+    """lab2 answers, but its rank no longer runs (SIGSTOP): only its heartbeat tells."""
+    proc, seen = train_until_step(
+        cluster, [*LONG_TRAIN, "--liveness-timeout", LIVENESS], 20, stderr=subprocess.PIPE
+    )
+    start = time.monotonic()
+    code, out = cluster.node_exec(1, ["pkill", "-STOP", "-f", "deepfleet_node.train --local_rank"])
+    assert code == 0, out
+    try:
+        output, err = finish(proc, seen)
+        took = time.monotonic() - start
+        assert proc.returncode == 1, output[-3000:]
+        line = last_line(err)
+        assert line.startswith("deepfleet: lab2: rank 1 stopped making progress: no heartbeat"), err
+        record("lab2's rank stopped (SIGSTOP), its machine answering", took, line)
+    finally:
+        cluster.node_exec(1, ["pkill", "-CONT", "-f", "deepfleet_node.train"])
+    assert ranks_gone(cluster, within=30) == []
+
+
 # ------------------------------------------------------------------ signals
 
 
