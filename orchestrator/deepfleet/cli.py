@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import cluster, doctor, jobs, launch
+from . import cluster, doctor, jobrun, jobs, launch
 from .build import BuildRequest, build
 from .connect import DEFAULT_STALL, STALL_ENV
 from .errors import DeepfleetError, Interrupted, JobError, raise_interrupted
@@ -154,6 +154,7 @@ def cmd_stop(args) -> int:
         left = launch.stop_all(
             session.clients, {n.spec.name: n.container_id for n in session.state.nodes}
         )
+        jobrun.release_lease(session)
     finally:
         session.close()
     for name in left:

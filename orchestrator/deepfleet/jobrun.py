@@ -15,7 +15,15 @@ from . import hostfile, launch, preflight, transfer
 from .cluster import CLUSTER_KEY, SSH_DIR, Session
 from .errors import JobError, ignoring_interrupts
 from .plan import RUN_DIR, ClusterPlan
-from .watchdog import HEARTBEAT_DIR, LivenessPolicy, Watchdog
+from .watchdog import (
+    HEARTBEAT_DIR,
+    LEASE,
+    LEASE_READ_SH,
+    LivenessPolicy,
+    Watchdog,
+    lease_text,
+    live_lease,
+)
 
 PG_TIMEOUT_ENV = "DEEPFLEET_PG_TIMEOUT"  # read by deepfleet_node.train.process_group_timeout
 HEARTBEAT_ENV = "DEEPFLEET_HEARTBEAT_DIR"  # read by deepfleet_node.heartbeat
@@ -50,11 +58,38 @@ def write_launch_files(session: Session, plan: ClusterPlan, options: RunOptions)
     transfer.put_files(container, SSH_DIR, {"config": (ssh_config, 0o600)}, master)
 
 
+def check_no_live_job(session: Session, policy: LivenessPolicy) -> None:
+    """Refuse while another operator's job runs here: its watchdog renews the master's lease."""
+    master = session.master
+    api = session.clients[master].api
+    container_id = session.node_state(master).container_id
+    exec_id = api.exec_create(container_id, ["sh", "-c", LEASE_READ_SH])["Id"]
+    holder = live_lease(api.exec_start(exec_id).decode(errors="replace"), policy)
+    if holder:
+        raise JobError(
+            f"a job started from {holder} is running on this cluster; wait for it, or end it "
+            "with Ctrl-C there or `deepfleet stop`",
+            1,
+            master,
+        )
+
+
+def release_lease(session: Session) -> None:
+    """`deepfleet stop`: the job is over, whoever started it."""
+    master = session.master
+    api = session.clients[master].api
+    container_id = session.node_state(master).container_id
+    api.exec_start(api.exec_create(container_id, ["rm", "-f", LEASE])["Id"])
+
+
 def clean_slate(session: Session, containers: dict[str, str], out) -> None:
-    """No stamps or processes from an earlier job: its ranks would hold the ports."""
-    left = launch.stop_all(session.clients, containers)
-    for name in left:
-        out.write(f"[{name}] could not check for an earlier job's processes\n")
+    """No stamps or processes from an earlier job (one whose operator was killed): its
+    ranks would hold the ports and the rendezvous."""
+    for name, count in launch.stop_counted(session.clients, containers).items():
+        if count is None:
+            out.write(f"[{name}] could not check for an earlier job's processes\n")
+        elif count:
+            out.write(f"[{name}] stopped {count} processes an earlier job left behind\n")
     for name, container_id in containers.items():
         api = session.clients[name].api
         exec_id = api.exec_create(container_id, ["rm", "-rf", HEARTBEAT_DIR])["Id"]
@@ -75,8 +110,10 @@ def run_job(
     options = options or RunOptions()
     plan = job_plan(session, slots)
     master = session.master
-    containers = {n.name: session.node_state(n.name).container_id for n in plan.nodes}
     every = {n.spec.name: n.container_id for n in session.state.nodes}
+    # the planned nodes, and the master: the launcher runs there even when it has no slot
+    containers = {name: every[name] for name in [master, *(n.name for n in plan.nodes)]}
+    check_no_live_job(session, options.liveness)
     clean_slate(session, every, out)
     write_launch_files(session, plan, options)
     if not checked:
@@ -103,7 +140,9 @@ def run_job(
     def lost(name: str, cause: str) -> None:
         stop_everything(f"{name}: {cause}")
 
-    watchdog = Watchdog(session.clients, containers, options.liveness, lost)
+    watchdog = Watchdog(
+        session.clients, containers, options.liveness, lost, lease=(master, lease_text())
+    )
     try:
         result = launch.run(
             session.clients[master], containers[master], plan, spec, out,

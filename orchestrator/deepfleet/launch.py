@@ -197,21 +197,31 @@ def stop_all(clients: dict, containers: dict[str, str], wait: float = 20.0) -> l
     period. A node that does not answer within `wait` seconds is named in the result
     instead of holding up the others (a frozen machine cannot be stopped from here).
     """
-    script = (
-        f"pkill -TERM -f '{JOB_PROCESSES}'; "
-        f"for i in $(seq 20); do pgrep -f '{JOB_PROCESSES}' >/dev/null || exit 0; sleep 0.5; done; "
-        f"pkill -KILL -f '{JOB_PROCESSES}'; exit 0"
-    )
-    done: dict[str, bool] = {}
+    stopped = stop_counted(clients, containers, wait)
+    return [name for name in containers if stopped.get(name) is None]
+
+
+# Prints how many job processes it found, then stops them (TERM, then KILL after 10 s).
+_STOP_SH = (
+    f'n=$(pgrep -fc \'{JOB_PROCESSES}\'); echo "$n"; [ "$n" -gt 0 ] || exit 0; '
+    f"pkill -TERM -f '{JOB_PROCESSES}'; "
+    f"for i in $(seq 20); do pgrep -f '{JOB_PROCESSES}' >/dev/null || exit 0; sleep 0.5; done; "
+    f"pkill -KILL -f '{JOB_PROCESSES}'; exit 0"
+)
+
+
+def stop_counted(clients: dict, containers: dict[str, str], wait: float = 20.0) -> dict:
+    """{node: how many job processes it had and stopped, or None where it did not answer}."""
+    found: dict[str, int | None] = {}
 
     def stop(name: str) -> None:
         try:
             client = clients[name]
-            exec_id = client.api.exec_create(containers[name], ["sh", "-c", script])["Id"]
-            client.api.exec_start(exec_id)
-            done[name] = True
+            exec_id = client.api.exec_create(containers[name], ["sh", "-c", _STOP_SH])["Id"]
+            out = client.api.exec_start(exec_id).decode(errors="replace").split()
+            found[name] = int(out[0]) if out and out[0].isdigit() else 0
         except Exception:  # the node may be gone; the job must still stop elsewhere
-            done[name] = False
+            found[name] = None
 
     threads = [threading.Thread(target=stop, args=(n,), daemon=True) for n in containers]
     for thread in threads:
@@ -219,4 +229,4 @@ def stop_all(clients: dict, containers: dict[str, str], wait: float = 20.0) -> l
     deadline = time.monotonic() + wait
     for thread in threads:
         thread.join(max(0.0, deadline - time.monotonic()))
-    return [name for name in containers if not done.get(name)]
+    return {name: found.get(name) for name in containers}

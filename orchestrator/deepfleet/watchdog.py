@@ -11,12 +11,18 @@ than `timeout`, is lost: the caller stops every other rank and ends the job nami
 
 from __future__ import annotations
 
+import os
+import socket
 import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 HEARTBEAT_DIR = "/workspace/.deepfleet/heartbeat"
+# The running job's lease on the master: who started it, renewed at every watchdog round,
+# so a second operator can tell a live job from processes a killed one left behind.
+LEASE = "/workspace/.deepfleet/job.lease"
+LEASE_READ_SH = f"date +%s; cat {LEASE} 2>/dev/null; true"
 # The node's own clock first, then one `rank-N:time` line per rank: ages are measured on
 # the node, so the machines' clocks need not agree with the operator's.
 _HEARTBEAT_SH = f"date +%s; cd {HEARTBEAT_DIR} 2>/dev/null && grep -H . rank-* 2>/dev/null; true"
@@ -60,12 +66,36 @@ def parse_heartbeats(text: str, timeout: float) -> tuple[tuple[str, float], ...]
     return tuple(stale)
 
 
-def ask(client, container_id: str, timeout: float) -> NodeAnswer:
-    """One round trip to a node: its container's state, then its ranks' heartbeats."""
+def lease_text() -> str:
+    """Who holds the lease: this operator's host and process."""
+    return f"{socket.gethostname()} (pid {os.getpid()})"
+
+
+def live_lease(text: str, policy: LivenessPolicy) -> str | None:
+    """The holder named by LEASE_READ_SH's output, when its lease was renewed recently."""
+    lines = text.strip().splitlines()
+    if len(lines) < 2:
+        return None
+    stamp, _, holder = lines[1].partition(" ")
+    try:
+        age = float(lines[0]) - float(stamp)
+    except ValueError:
+        return None
+    if age > 3 * policy.interval + 5:  # its watchdog stopped: the operator is gone
+        return None
+    return holder or "another operator"
+
+
+def ask(client, container_id: str, timeout: float, lease: str | None = None) -> NodeAnswer:
+    """One round trip to a node: its container's state, then its ranks' heartbeats (and,
+    on the master, the job's lease renewed)."""
     status = client.api.inspect_container(container_id)["State"]["Status"]
     if status != "running":
         return NodeAnswer(status)
-    exec_id = client.api.exec_create(container_id, ["sh", "-c", _HEARTBEAT_SH])["Id"]
+    script = _HEARTBEAT_SH
+    if lease:
+        script = f'echo "$(date +%s) {lease}" > {LEASE}; {script}'
+    exec_id = client.api.exec_create(container_id, ["sh", "-c", script])["Id"]
     out = client.api.exec_start(exec_id)
     return NodeAnswer(status, parse_heartbeats(out.decode(errors="replace"), timeout))
 
@@ -94,16 +124,19 @@ class Watchdog:
         containers: dict[str, str],
         policy: LivenessPolicy,
         on_lost: Callable[[str, str], None],
-        asker: Callable[[object, str, float], NodeAnswer] = ask,
+        asker: Callable[..., NodeAnswer] = ask,
+        lease: tuple[str, str] | None = None,  # (master, holder): renew the job's lease there
     ):
         self.clients = clients
         self.containers = containers
         self.policy = policy
         self.on_lost = on_lost
         self.asker = asker
+        self.lease = lease
         self.lost: tuple[str, str] | None = None
         self.settled = threading.Event()  # set once on_lost has returned (the stop is done)
         self._stop = threading.Event()
+        self._released = threading.Event()
         self._lock = threading.Lock()
         self._last_answer = {name: time.monotonic() for name in containers}
         self._threads: list[threading.Thread] = []
@@ -120,11 +153,27 @@ class Watchdog:
 
     def stop(self) -> None:
         self._stop.set()
+        if self.lease and not self._released.is_set():  # give the lease back: the job is over
+            self._released.set()
+            release = threading.Thread(target=self._release, daemon=True)
+            release.start()
+            release.join(5.0)  # a frozen master must not hold the operator up: it lapses
+
+    def _release(self) -> None:
+        master, _ = self.lease
+        try:
+            api = self.clients[master].api
+            api.exec_start(api.exec_create(self.containers[master], ["rm", "-f", LEASE])["Id"])
+        except Exception:
+            pass
 
     def _ask_loop(self, name: str) -> None:
         while not self._stop.is_set():
+            lease = self.lease[1] if self.lease and self.lease[0] == name else None
             try:
-                answer = self.asker(self.clients[name], self.containers[name], self.policy.timeout)
+                answer = self.asker(
+                    self.clients[name], self.containers[name], self.policy.timeout, lease=lease
+                )
             except Exception:  # no answer this round; silence is judged by its length
                 answer = None
             if self._stop.is_set():

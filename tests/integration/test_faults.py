@@ -217,6 +217,23 @@ def test_sighup_stops_every_rank_like_ctrl_c(cluster):
     record("SIGHUP (terminal closed)", took, last_line(err))
 
 
+def test_an_operator_killed_outright_leaves_a_job_the_next_one_waits_for_then_clears(cluster):
+    """SIGKILL leaves no chance to stop anything: its job's lease lapses, then it is cleared."""
+    proc, seen = train_until_step(cluster, LONG_TRAIN, 20, stderr=subprocess.PIPE)
+    proc.kill()
+    proc.communicate(timeout=60)
+    refused = cluster.run("train", "--run", "after-kill", "--steps", "5", check=False)
+    err = refused.stderr.strip().splitlines()
+    assert refused.returncode == 1 and len(err) == 1, err
+    assert err[0].startswith("deepfleet: lab1: a job started from ") and "is running" in err[0]
+    time.sleep(40)  # three watchdog rounds without renewal: the lease has lapsed
+    start = time.monotonic()
+    result = cluster.run("train", "--run", "after-kill", "--steps", "5", "--log-every", "5")
+    assert "processes an earlier job left behind" in result.stdout, result.stdout[-3000:]
+    assert steps(result.stdout)[-1][0] == 5
+    record("next job after a SIGKILLed operator", time.monotonic() - start, "(trains)")
+
+
 # ------------------------------------------------------------------ restarted machines
 
 

@@ -15,7 +15,14 @@ from deepfleet.errors import JobError
 from deepfleet.execstream import ExecStream, Frame
 from deepfleet.jobrun import _outcome
 from deepfleet.launch import LaunchResult, LinePrefixer
-from deepfleet.watchdog import LivenessPolicy, NodeAnswer, Watchdog, parse_heartbeats, verdict
+from deepfleet.watchdog import (
+    LivenessPolicy,
+    NodeAnswer,
+    Watchdog,
+    live_lease,
+    parse_heartbeats,
+    verdict,
+)
 
 
 def test_heartbeat_ages_are_measured_on_the_nodes_own_clock():
@@ -49,7 +56,7 @@ def test_a_node_that_stops_answering_is_lost_within_the_bound():
     start = time.monotonic()
     frozen = threading.Event()
 
-    def asker(client, container, timeout):
+    def asker(client, container, timeout, **_):
         if container == "c2" and time.monotonic() - start > 0.5:
             frozen.wait()  # a machine that never answers again: the call just hangs
         return NodeAnswer("running")
@@ -70,7 +77,7 @@ def test_a_node_that_stops_answering_is_lost_within_the_bound():
 def test_a_paused_container_is_lost_at_the_next_answer_and_only_once():
     calls = []
 
-    def asker(client, container, timeout):
+    def asker(client, container, timeout, **_):
         calls.append(container)
         return NodeAnswer("paused" if container == "c1" else "running")
 
@@ -85,7 +92,7 @@ def test_a_paused_container_is_lost_at_the_next_answer_and_only_once():
 
 
 def test_a_healthy_cluster_is_never_declared_lost():
-    dog, lost = _watch(lambda *a: NodeAnswer("running"), timeout=1.0, interval=0.1)
+    dog, lost = _watch(lambda *a, **k: NodeAnswer("running"), timeout=1.0, interval=0.1)
     dog.start()
     time.sleep(2.5)
     dog.stop()
@@ -181,3 +188,45 @@ def test_torchs_rank_prefix_is_dropped_from_the_quoted_error():
     p = LinePrefixer(two_node_plan(), [].append)
     p.feed(b"10.0.0.3: [rank1]: ModuleNotFoundError: No module named 'nosuchmod'\n")
     assert p.errors == {"lab2": "ModuleNotFoundError: No module named 'nosuchmod'"}
+
+
+def test_a_lease_is_live_only_while_its_watchdog_renews_it():
+    policy = LivenessPolicy(interval=10, timeout=90)
+    assert live_lease("1000\n990 alice-laptop (pid 42)\n", policy) == "alice-laptop (pid 42)"
+    assert live_lease("1000\n900 alice-laptop (pid 42)\n", policy) is None  # lapsed
+    assert live_lease("1000\n", policy) is None  # no job holds it
+
+
+def test_the_watchdog_renews_the_lease_on_the_master_only_and_gives_it_back():
+    asked: list = []
+
+    def asker(client, container, timeout, lease=None):
+        asked.append((container, lease))
+        return NodeAnswer("running")
+
+    api_calls = []
+
+    class Api:
+        def exec_create(self, container, argv):
+            api_calls.append((container, argv))
+            return {"Id": "x"}
+
+        def exec_start(self, exec_id):
+            return b""
+
+    client = type("C", (), {"api": Api()})()
+    dog = Watchdog(
+        {"lab1": client, "lab2": client},
+        {"lab1": "c1", "lab2": "c2"},
+        LivenessPolicy(interval=0.1, timeout=5),
+        lambda *a: None,
+        asker=asker,
+        lease=("lab1", "me (pid 1)"),
+    )
+    dog.start()
+    time.sleep(0.5)
+    dog.stop()
+    dog.stop()
+    assert ("c1", "me (pid 1)") in asked and ("c2", None) in asked
+    assert all(lease is None for container, lease in asked if container == "c2")
+    assert api_calls == [("c1", ["rm", "-f", "/workspace/.deepfleet/job.lease"])]
