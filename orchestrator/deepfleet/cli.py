@@ -11,7 +11,7 @@ from pathlib import Path
 
 from . import cluster, doctor, jobrun, jobs, launch
 from .build import BuildRequest, build
-from .connect import DEFAULT_STALL, STALL_ENV
+from .connect import DEFAULT_STALL, STALL_ENV, first_line
 from .errors import DeepfleetError, Interrupted, JobError, raise_interrupted
 from .inventory import DEFAULT_SSH_CONFIG, resolve
 from .jobrun import RunOptions
@@ -394,6 +394,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("deepfleet: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # a bug or an unforeseen failure: still one line, no traceback
+        if os.environ.get("DEEPFLEET_DEBUG"):
+            raise
+        print(f"deepfleet: unexpected {type(exc).__name__}: {first_line(exc)} "
+              "(DEEPFLEET_DEBUG=1 shows where)", file=sys.stderr)  # fmt: skip
+        return 1
 
 
 if __name__ == "__main__":

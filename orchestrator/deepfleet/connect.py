@@ -198,7 +198,7 @@ def connect(node: NodeSpec, timeout: float = 15.0) -> docker.DockerClient:
         adapter.close()
         raise ConnectError(
             f"SSH works but the Docker engine did not answer (is docker installed and "
-            f"running, and may {node.user} use it?): {_first_line(exc)}",
+            f"running, and may {node.user} use it?): {first_line(exc)}",
             node.name,
         ) from exc
     api._version = min(
@@ -234,7 +234,7 @@ def docker_cause(exc: BaseException, container: str = "") -> str:
     return " ".join(text.split())[:300]
 
 
-def _first_line(exc: BaseException) -> str:
+def first_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 
@@ -262,7 +262,7 @@ def fan_out(
             except docker.errors.APIError as exc:
                 errors[name] = DeepfleetError(docker_cause(exc), name)
             except Exception as exc:  # an unexpected failure still names its node
-                errors[name] = DeepfleetError(_first_line(exc), name)
+                errors[name] = DeepfleetError(first_line(exc), name)
     return results, errors
 
 

@@ -37,3 +37,21 @@ def test_bad_inventory_exits_1_with_one_line(capsys, tmp_path: Path, node):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("deepfleet: ")
     assert not (tmp_path / "s").exists()
+
+
+def test_an_unforeseen_failure_is_one_line_without_a_traceback(capsys, monkeypatch, tmp_path):
+    from deepfleet import cli
+
+    def broken(args):
+        raise RuntimeError("first line\nsecond line")
+
+    monkeypatch.setattr(cli, "cmd_status", broken)
+    monkeypatch.delenv("DEEPFLEET_DEBUG", raising=False)
+    parser = cli.parser()
+    monkeypatch.setattr(cli, "parser", lambda: parser)
+    for action in parser._subparsers._group_actions[0].choices.values():
+        if action.get_default("func") is not None and action.prog.endswith(" status"):
+            action.set_defaults(func=broken)
+    assert cli.main(["--state-dir", str(tmp_path), "status"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["deepfleet: unexpected RuntimeError: first line (DEEPFLEET_DEBUG=1 shows where)"]
