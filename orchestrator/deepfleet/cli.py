@@ -9,12 +9,13 @@ import signal
 import sys
 from pathlib import Path
 
-from . import cluster, doctor, jobrun, jobs, launch
+from . import cluster, doctor, jobrun, jobs, launch, reports
 from .build import BuildRequest, build
 from .connect import DEFAULT_STALL, STALL_ENV, first_line
 from .errors import DeepfleetError, Interrupted, JobError, raise_interrupted
-from .inventory import DEFAULT_SSH_CONFIG, resolve
+from .inventory import DEFAULT_SSH_CONFIG, Inventory, NodeSpec, resolve
 from .jobrun import RunOptions
+from .plan import describe, plan_cluster, plan_dict
 from .state import StateStore
 from .watchdog import LivenessPolicy
 
@@ -130,10 +131,19 @@ def _run_options(args) -> RunOptions:
         ),
         collective_timeout=args.collective_timeout,
         preflight_timeout=args.preflight_timeout,
+        backend=args.backend,
     )
 
 
+def _add_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--backend", choices=("cuda", "rocm", "cpu"), default=None,
+        help="run on these machines only (default: the group with the most GPU memory)",
+    )  # fmt: skip
+
+
 def _add_run_options(p: argparse.ArgumentParser) -> None:
+    _add_backend(p)
     p.add_argument(
         "--liveness-timeout", type=float, default=LivenessPolicy().timeout, metavar="S",
         help="end the job when a machine or rank shows no sign of life for this long",
@@ -146,6 +156,34 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
         "--preflight-timeout", type=float, default=RunOptions().preflight_timeout, metavar="S",
         help="how long each network check waits for an answer",
     )  # fmt: skip
+
+
+def cmd_plan(args) -> int:
+    """The plan from the saved cluster, or from detect reports given as files."""
+    if args.reports:
+        paths = [Path(p) for p in args.reports]
+        reports_ = {}
+        for path in paths:
+            try:
+                reports_[path.stem] = reports.parse(path.read_bytes(), path.stem)
+            except OSError as exc:
+                raise DeepfleetError(f"cannot read report {path}: {exc.strerror}") from exc
+        inventory = Inventory(
+            tuple(
+                NodeSpec(name, (r.ips or (name,))[0], "root", 22, None, "/dev/null")
+                for name, r in reports_.items()
+            ),
+            None,
+        )
+        plan = plan_cluster(
+            inventory, reports_, cpu_slots=args.cpu_slots, slots=_slots(args.slots),
+            backend=args.backend,
+        )  # fmt: skip
+    else:
+        session = cluster.Session(StateStore(args.state_dir).load(), {})
+        plan = jobrun.job_plan(session, _slots(args.slots), args.backend)
+    print(json.dumps(plan_dict(plan), indent=2) if args.json else describe(plan))
+    return 0
 
 
 def cmd_stop(args) -> int:
@@ -178,7 +216,9 @@ def cmd_train(args) -> int:
     if args.dry_run:
         state = store.load()
         session = cluster.Session(state, {})
-        print(jobs.train_dry_run(session.plan(), req))
+        plan = jobrun.job_plan(session, req.slots, req.options.backend)
+        print(describe(plan))
+        print(jobs.train_dry_run(plan, req))
         return 0
     session = cluster.open_session(store, args.timeout, heal=True)
     try:
@@ -338,6 +378,14 @@ def parser() -> argparse.ArgumentParser:
     _add_run_options(inf)
     inf.add_argument("extra", nargs="*", help="passed to infer.py after --")
     inf.set_defaults(func=cmd_infer)
+
+    pl = sub.add_parser("plan", help="which machines and GPUs a job would run on, and why")
+    pl.add_argument("--reports", nargs="+", metavar="FILE", help="detect --json files, no cluster")
+    pl.add_argument("--slots", action="append", default=[], metavar="NODE=N")
+    pl.add_argument("--cpu-slots", type=int, default=1, help="with --reports: per CPU machine")
+    pl.add_argument("--json", action="store_true")
+    _add_backend(pl)
+    pl.set_defaults(func=cmd_plan)
 
     sp = sub.add_parser("stop", help="stop every job process (launcher, ranks) on every node")
     sp.set_defaults(func=cmd_stop)

@@ -18,7 +18,7 @@ from . import compose, containers, hostfile, hostprobe, images, keys, reports, t
 from .connect import connect, fan_out, run_host
 from .errors import ContainerError, DeepfleetError, PlanError
 from .inventory import Inventory, NodeSpec
-from .plan import RUN_DIR, ClusterPlan, plan_cluster
+from .plan import RUN_DIR, ClusterPlan, describe, plan_cluster
 from .state import ClusterState, NodeState, StateStore
 
 CONTAINER_NAME = "deepfleet-node"
@@ -123,6 +123,7 @@ class Session:
             self.state.reports(),
             cpu_slots=overrides.get("cpu_slots", self.state.cpu_slots),
             slots=overrides.get("slots", self.state.slots),
+            backend=overrides.get("backend"),
         )
 
     def close(self) -> None:
@@ -271,6 +272,7 @@ def up(inventory: Inventory, store: StateStore, opts: UpOptions, out=sys.stdout)
             out,
             f"deepfleet: cluster {cluster} is up: {plan.world_size} slots, backend {plan.backend}",
         )
+        _log(out, describe(plan))
         return state
     except BaseException:
         _undo(state, clients, store, out)

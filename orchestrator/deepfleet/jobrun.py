@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from . import hostfile, launch, preflight, transfer
 from .cluster import CLUSTER_KEY, SSH_DIR, Session
 from .errors import JobError, ignoring_interrupts
-from .plan import RUN_DIR, ClusterPlan
+from .plan import RUN_DIR, ClusterPlan, describe
 from .watchdog import (
     HEARTBEAT_DIR,
     LEASE,
@@ -34,6 +34,7 @@ class RunOptions:
     liveness: LivenessPolicy = LivenessPolicy()
     collective_timeout: float = 600.0  # a collective waiting on a peer gives up after this
     preflight_timeout: float = 5.0
+    backend: str | None = None  # cuda | rocm | cpu; None: the group with the most capacity
 
 
 def launch_env(plan: ClusterPlan, options: RunOptions) -> dict[str, str]:
@@ -108,7 +109,8 @@ def run_job(
 ) -> list[str]:
     """Launch `module` on the plan; `checked`: the network preflight already ran."""
     options = options or RunOptions()
-    plan = job_plan(session, slots)
+    plan = job_plan(session, slots, options.backend)
+    out.write(describe(plan) + "\n")
     master = session.master
     every = {n.spec.name: n.container_id for n in session.state.nodes}
     # the planned nodes, and the master: the launcher runs there even when it has no slot
@@ -181,10 +183,12 @@ def _outcome(module: str, master: str, result: launch.LaunchResult) -> list[str]
     return result.lines
 
 
-def job_plan(session: Session, slots: dict | None) -> ClusterPlan:
-    return session.plan(**({"slots": {**session.state.slots, **slots}} if slots else {}))
+def job_plan(session: Session, slots: dict | None, backend: str | None = None) -> ClusterPlan:
+    """The plan a job runs: the cluster's slots with the job's own over them."""
+    return session.plan(slots={**session.state.slots, **(slots or {})}, backend=backend)
 
 
 def check_network(session: Session, slots: dict | None, options: RunOptions, out) -> None:
     """The preflight, before anything is copied: a blocked port fails in seconds."""
-    preflight.run(session, job_plan(session, slots), timeout=options.preflight_timeout, out=out)
+    plan = job_plan(session, slots, options.backend)
+    preflight.run(session, plan, timeout=options.preflight_timeout, out=out)

@@ -20,7 +20,7 @@ from .cluster import Session
 from .connect import fan_out
 from .containers import exec_text
 from .errors import DeepfleetError, InputError
-from .jobrun import RunOptions, check_network, run_job
+from .jobrun import RunOptions, check_network, job_plan, run_job
 
 # Passed to the nodes' download step through the exec environment only: never in a file,
 # an image, the launcher's command line or its logs.
@@ -272,7 +272,7 @@ def train(session: Session, req: TrainRequest, out=sys.stdout, environ=None) -> 
     check_inputs(req)
     check_network(session, req.slots, req.options, out)
     model, data = prepare_train(session, req, out, secrets)
-    precision = session.plan().precision
+    precision = job_plan(session, req.slots, req.options.backend).precision
     return run_job(
         session, "deepfleet_node.train", train_args(req, model, data, precision), out, req.slots,
         secrets, req.options, checked=True,
@@ -357,7 +357,7 @@ def model_bytes(session: Session, model: str) -> int | None:
 
 
 def plan_inference(session: Session, req: InferRequest, model: str, out) -> inferplan.InferencePlan:
-    plan = session.plan(**({"slots": {**session.state.slots, **req.slots}} if req.slots else {}))
+    plan = job_plan(session, req.slots, req.options.backend)
     size = model_bytes(session, model) if req.mode == "auto" else None
     chosen = inferplan.choose(plan, session.state.reports(), size, req.mode)
     out.write(f"deepfleet: inference mode {chosen.mode}: {chosen.reason}\n")

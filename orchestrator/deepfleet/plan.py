@@ -52,6 +52,15 @@ def choose_precision(reports: Mapping[str, NodeReport], names: list[str]) -> str
 
 
 @dataclass(frozen=True)
+class LeftOut:
+    """A machine that sits this job out, why, and how to bring it in."""
+
+    name: str
+    reason: str
+    override: str
+
+
+@dataclass(frozen=True)
 class ClusterPlan:
     nodes: tuple[PlannedNode, ...]
     master_addr: str
@@ -60,6 +69,7 @@ class ClusterPlan:
     env: Mapping[str, str] = field(default_factory=dict)
     ssh_port: int = SSH_PORT
     precision: str = "fp32"
+    left_out: tuple[LeftOut, ...] = ()
 
     @property
     def master(self) -> PlannedNode:
@@ -74,6 +84,42 @@ class ClusterPlan:
             if node.address == address:
                 return node.name
         return None
+
+
+def describe(plan: ClusterPlan) -> str:
+    """The plan as the operator reads it: who runs, on what, and who sits out and why."""
+    lines = [
+        f"plan: {plan.world_size} ranks on {len(plan.nodes)} machine(s), backend {plan.backend}, "
+        f"{plan.precision}, master {plan.master.name} ({plan.master_addr}:{plan.master_port})"
+    ]
+    for node in plan.nodes:
+        what = f"{node.gpus} GPU(s)" if node.accelerator != "cpu" else "CPU"
+        lines.append(f"  {node.name:<12} {node.slots} rank(s) on {node.accelerator} ({what})")
+    for out in plan.left_out:
+        lines.append(f"  {out.name:<12} left out: {out.reason}; to use it: {out.override}")
+    return "\n".join(lines)
+
+
+def plan_dict(plan: ClusterPlan) -> dict:
+    return {
+        "world_size": plan.world_size,
+        "backend": plan.backend,
+        "precision": plan.precision,
+        "master": {"name": plan.master.name, "addr": plan.master_addr, "port": plan.master_port},
+        "nodes": [
+            {
+                "name": n.name,
+                "address": n.address,
+                "slots": n.slots,
+                "accelerator": n.accelerator,
+                "gpus": n.gpus,
+            }
+            for n in plan.nodes
+        ],  # fmt: skip
+        "left_out": [
+            {"name": x.name, "reason": x.reason, "override": x.override} for x in plan.left_out
+        ],  # fmt: skip
+    }
 
 
 def _comparable(key: str, value: str | None) -> str | None:
@@ -113,6 +159,62 @@ def check_compat(reports: Mapping[str, NodeReport], names: list[str]) -> None:
         raise PlanError("; ".join(f"{name}: {p}" for name, p in problems))
 
 
+def group_capacity(nodes: list[PlannedNode], reports: Mapping[str, NodeReport]) -> float:
+    """What a backend group brings: its GPUs' memory (a GPU of unknown size counts 8 GiB).
+
+    Memory stands in for speed until ranks are measured: within a vendor's generation the
+    two grow together, and memory is what decides whether a model fits at all.
+    """
+    total = 0.0
+    for node in nodes:
+        for gpu in usable_gpus(reports[node.name])[: node.slots]:
+            total += gpu.memory_bytes or (8 << 30)
+    return total
+
+
+def choose_group(
+    nodes: list[PlannedNode],
+    reports: Mapping[str, NodeReport],
+    asked: set[str],
+    backend: str | None = None,
+) -> tuple[list[PlannedNode], list[LeftOut], str]:
+    """One job runs one backend: the group asked for, or the one with the most capacity.
+
+    CPU machines run only when no GPU group does; a machine the user gave slots to
+    explicitly is never dropped silently (that mix is refused, naming it).
+    """
+    groups: dict[str, list[PlannedNode]] = {}
+    for node in nodes:
+        groups.setdefault(node.accelerator, []).append(node)
+    if backend is not None:
+        if backend not in groups:
+            have = ", ".join(f"{n.name}={n.accelerator}" for n in nodes)
+            raise PlanError(f"--backend {backend}: no machine of the job runs it ({have})")
+        chosen = backend
+    elif len(groups) == 1:
+        chosen = next(iter(groups))
+    else:
+        gpu_groups = [g for g in groups if g != "cpu"]
+        chosen = max(gpu_groups, key=lambda g: (group_capacity(groups[g], reports), g))
+    forced = [n for n in nodes if n.accelerator != chosen and n.name in asked]
+    if forced:
+        kinds = ", ".join(f"{n.name}={n.accelerator}" for n in nodes)
+        raise PlanError(
+            f"nodes mix accelerators ({kinds}); one job needs one backend: give "
+            f"{', '.join(n.name for n in forced)} 0 slots or choose --backend"
+        )
+    left = [
+        LeftOut(
+            n.name,
+            f"{n.accelerator} while the job runs on {chosen} (one job needs one backend)",
+            f"--backend {n.accelerator}",
+        )
+        for n in nodes
+        if n.accelerator != chosen
+    ]
+    return groups[chosen], left, chosen
+
+
 def plan_cluster(
     inventory: Inventory,
     reports: Mapping[str, NodeReport],
@@ -120,6 +222,7 @@ def plan_cluster(
     slots: Mapping[str, int] | None = None,
     master_port: int = MASTER_PORT,
     extra_env: Mapping[str, str] | None = None,
+    backend: str | None = None,
 ) -> ClusterPlan:
     missing = [n.name for n in inventory.nodes if n.name not in reports]
     if missing:
@@ -130,12 +233,14 @@ def plan_cluster(
     if unknown:
         raise PlanError(f"slots given for unknown nodes: {', '.join(sorted(unknown))}")
     nodes = []
+    left_out_by_slots: list[LeftOut] = []
     for spec in inventory.nodes:
         report = reports[spec.name]
         count = slots.get(spec.name, slots_for(report, cpu_slots))
         if count < 0:
             raise PlanError(f"slots cannot be negative, got {count}", spec.name)
         if count == 0:  # left out of this job
+            left_out_by_slots.append(LeftOut(spec.name, "given 0 slots", f"--slots {spec.name}=N"))
             continue
         nodes.append(
             PlannedNode(
@@ -149,13 +254,9 @@ def plan_cluster(
     if not nodes:
         raise PlanError("every node has 0 slots: nothing would run")
     check_compat(reports, [n.name for n in nodes])
-    accelerators = {n.accelerator for n in nodes}
-    if len(accelerators) > 1:
-        kinds = ", ".join(f"{n.name}={n.accelerator}" for n in nodes)
-        raise PlanError(f"nodes mix accelerators ({kinds}); one job needs one backend")
-    accelerator = accelerators.pop()
-    backend = BACKENDS.get(accelerator)
-    if backend is None:
+    nodes, left_out, accelerator = choose_group(nodes, reports, set(slots), backend)
+    dist_backend = BACKENDS.get(accelerator)
+    if dist_backend is None:
         raise PlanError(f"no distributed backend for accelerator {accelerator!r}")
     threads = {}
     if accelerator == "cpu":
@@ -166,7 +267,7 @@ def plan_cluster(
     env = {
         **threads,
         "PYTHONUNBUFFERED": "1",
-        "DEEPFLEET_BACKEND": backend,
+        "DEEPFLEET_BACKEND": dist_backend,
         "TORCH_EXTENSIONS_DIR": "/opt/deepfleet/torch_extensions",
         "HF_HOME": "/workspace/hf-cache",
         **(extra_env or {}),
@@ -175,7 +276,8 @@ def plan_cluster(
         nodes=tuple(nodes),
         master_addr=nodes[0].address,
         master_port=master_port,
-        backend=backend,
+        backend=dist_backend,
         env=env,
         precision=choose_precision(reports, [n.name for n in nodes]),
+        left_out=tuple(left_out_by_slots + left_out),
     )

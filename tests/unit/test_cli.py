@@ -55,3 +55,32 @@ def test_an_unforeseen_failure_is_one_line_without_a_traceback(capsys, monkeypat
     assert cli.main(["--state-dir", str(tmp_path), "status"]) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["deepfleet: unexpected RuntimeError: first line (DEEPFLEET_DEBUG=1 shows where)"]
+
+
+def test_plan_from_report_files_names_who_sits_out_and_the_override(tmp_path, capsys):
+    import json
+
+    from unitdata import detect_report
+
+    from deepfleet import cli
+
+    gpu = {"index": 0, "vendor": "nvidia", "name": "NVIDIA GeForce RTX 4090",
+           "memory_bytes": 24 << 30, "compute_capability": "8.9", "driver": "580.65"}  # fmt: skip
+    versions = dict(detect_report()["versions"], torch="2.13.0+cu130", cuda="13.0")
+    (tmp_path / "desktop.json").write_text(json.dumps(detect_report(
+        ips=["192.0.2.10"], accelerator="cuda", gpu_vendor="nvidia", gpus=[gpu],
+        versions=versions, torch_arch_list=["sm_89"],
+    )))  # fmt: skip
+    (tmp_path / "laptop.json").write_text(json.dumps(detect_report(ips=["192.0.2.11"])))
+    files = [str(tmp_path / "desktop.json"), str(tmp_path / "laptop.json")]
+    assert cli.main(["plan", "--reports", *files]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("plan: 1 ranks on 1 machine(s), backend nccl, bf16, master desktop")
+    assert out[2] == (
+        "  laptop       left out: cpu while the job runs on cuda (one job needs one backend); "
+        "to use it: --backend cpu"
+    )
+    assert cli.main(["plan", "--reports", *files, "--backend", "cpu", "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    assert [n["name"] for n in plan["nodes"]] == ["laptop"] and plan["backend"] == "gloo"
+    assert plan["left_out"][0]["name"] == "desktop"

@@ -33,10 +33,40 @@ def test_gpu_slots_come_from_the_reports_and_overrides_win():
     assert [n.slots for n in plan.nodes] == [1, 1]
 
 
-def test_mixed_accelerators_are_refused():
-    reports_ = {"a": rep(accelerator="cuda", gpus=[gpu(0)]), "b": rep()}
-    with pytest.raises(PlanError, match="a=cuda, b=cpu"):
-        plan_cluster(inv("a", "b"), reports_)
+def amd(i, memory=192 << 30):
+    return {"index": i, "vendor": "amd", "name": "AMD Instinct MI300X", "memory_bytes": memory,
+            "gfx_target": "gfx942"}  # fmt: skip
+
+
+def test_a_gpu_and_a_cpu_machine_run_on_the_gpu_with_the_other_left_out_and_why():
+    reports_ = {"a": rep(accelerator="cuda", gpu_vendor="nvidia", gpus=[gpu(0)]), "b": rep()}
+    plan = plan_cluster(inv("a", "b"), reports_)
+    assert [n.name for n in plan.nodes] == ["a"] and plan.backend == "nccl"
+    assert [(x.name, x.override) for x in plan.left_out] == [("b", "--backend cpu")]
+    assert plan.left_out[0].reason == "cpu while the job runs on cuda (one job needs one backend)"
+    cpu_only = plan_cluster(inv("a", "b"), reports_, backend="cpu")
+    assert [n.name for n in cpu_only.nodes] == ["b"] and cpu_only.backend == "gloo"
+    assert cpu_only.left_out[0].name == "a"
+
+
+def test_the_backend_group_with_the_most_gpu_memory_runs():
+    nvidia = rep(accelerator="cuda", gpu_vendor="nvidia", gpus=[gpu(i) for i in range(8)])
+    radeon = rep(accelerator="rocm", gpu_vendor="amd", gpus=[amd(i, 128 << 30) for i in range(4)])
+    laptop = rep()
+    plan = plan_cluster(inv("n", "r", "c"), {"n": nvidia, "r": radeon, "c": laptop})
+    assert [n.name for n in plan.nodes] == ["n"] and plan.world_size == 8  # 640 GiB vs 512
+    assert {x.name for x in plan.left_out} == {"r", "c"}
+    big_amd = rep(accelerator="rocm", gpu_vendor="amd", gpus=[amd(i, 256 << 30) for i in range(4)])
+    plan = plan_cluster(inv("n", "r", "c"), {"n": nvidia, "r": big_amd, "c": laptop})
+    assert [n.name for n in plan.nodes] == ["r"] and plan.master_addr == "10.0.0.2"
+
+
+def test_slots_given_to_a_machine_of_another_backend_are_refused_naming_it():
+    reports_ = {"a": rep(accelerator="cuda", gpu_vendor="nvidia", gpus=[gpu(0)]), "b": rep()}
+    with pytest.raises(PlanError, match=r"a=cuda, b=cpu.*give b 0 slots or choose --backend"):
+        plan_cluster(inv("a", "b"), reports_, slots={"b": 2})
+    with pytest.raises(PlanError, match="--backend rocm: no machine of the job runs it"):
+        plan_cluster(inv("a", "b"), reports_, backend="rocm")
 
 
 def test_version_mismatch_names_nodes_and_versions():
