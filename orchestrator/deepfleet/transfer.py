@@ -13,12 +13,21 @@ import os
 import posixpath
 import stat
 import tarfile
+import threading
 import time
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+from docker.errors import APIError
+from requests.exceptions import RequestException
+from urllib3.exceptions import ProtocolError
+
+from .connect import docker_cause, stall_timeout
 from .containers import exec_text
 from .errors import ContainerError
 from .inputs import files_under
+
+CHUNK = 4 << 20
 
 # Order-independent digest of a directory tree's file contents and relative paths.
 _DIGEST = (
@@ -58,8 +67,7 @@ def copy_between(src, dst, path: str, src_node: str, dst_node: str) -> bool:
     parent = posixpath.dirname(path.rstrip("/"))
     exec_text(dst, ["sh", "-c", 'rm -rf "$1" && mkdir -p "$2"', "rm", path, parent], dst_node)
     stream, _ = src.get_archive(path)
-    if not dst.put_archive(parent, stream):
-        raise ContainerError(f"could not write {path}", dst_node)
+    put_stream(dst, parent, stream, dst_node)
     return True
 
 
@@ -81,14 +89,14 @@ def local_digest(local: Path) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def local_tar(local: Path) -> bytes:
+def write_local_tar(local: Path, out) -> None:
     """A tar of `local`'s files, each a regular member with its (link target's) content and mode.
 
     The HF cache's snapshot folders are symlinks into ../blobs; a tar of the links
     themselves is refused by the Docker engine ("invalid symlink") and would dangle anyway.
+    Written as a stream: a model of many gigabytes is never held in memory or on disk twice.
     """
-    buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w") as tar:
+    with tarfile.open(fileobj=out, mode="w|") as tar:
         for rel, path in files_under(local):
             with path.open("rb") as fh:
                 st = os.fstat(fh.fileno())
@@ -96,7 +104,50 @@ def local_tar(local: Path) -> bytes:
                 info.size, info.mode = st.st_size, stat.S_IMODE(st.st_mode)
                 info.mtime = int(st.st_mtime)
                 tar.addfile(info, fh)
-    return buf.getvalue()
+
+
+def tar_chunks(local: Path) -> Iterator[bytes]:
+    """write_local_tar's bytes as they are made, through a pipe from a writer thread."""
+    read_fd, write_fd = os.pipe()
+
+    def writer() -> None:
+        try:
+            with os.fdopen(write_fd, "wb") as out:
+                write_local_tar(local, out)
+        except OSError:  # the reader went away (the upload failed): nothing left to do
+            pass
+
+    thread = threading.Thread(target=writer, daemon=True)
+    thread.start()
+    with os.fdopen(read_fd, "rb") as source:
+        while chunk := source.read(CHUNK):
+            yield chunk
+    thread.join()
+
+
+def local_tar(local: Path) -> bytes:
+    return b"".join(tar_chunks(local))
+
+
+def put_stream(container, directory: str, chunks: Iterable[bytes], node: str) -> None:
+    """Upload a tar stream into `directory`, each read and write bounded by the stall timeout
+    (docker-py's put_archive would wait a fixed 60 s for the engine to unpack it all)."""
+    api = container.client.api
+    stall = stall_timeout()
+    try:
+        reply = api._put(
+            api._url("/containers/{0}/archive", container.id),
+            params={"path": directory}, data=chunks, timeout=stall,
+        )  # fmt: skip
+        api._raise_for_status(reply)
+    except APIError as exc:
+        raise ContainerError(f"could not write {directory}: {docker_cause(exc)}", node) from exc
+    except (OSError, RequestException, ProtocolError) as exc:
+        raise ContainerError(
+            f"copying into {directory} made no progress for {stall:.0f} s "
+            "(is the machine's disk full? --stall-timeout to wait longer)",
+            node,
+        ) from exc
 
 
 def push_local(container, local: Path, target: str, node: str) -> bool:
@@ -108,10 +159,8 @@ def push_local(container, local: Path, target: str, node: str) -> bool:
         raise ContainerError(f"{local} does not exist on this machine")
     if digest(container, target, node) == local_digest(local):
         return False
-    archive = local_tar(local)
     exec_text(container, ["sh", "-c", 'rm -rf "$1" && mkdir -p "$1"', "rm", target], node)
-    if not container.put_archive(target, archive):
-        raise ContainerError(f"could not write {target}", node)
+    put_stream(container, target, tar_chunks(local), node)
     return True
 
 

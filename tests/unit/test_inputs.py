@@ -392,9 +392,8 @@ class _Container:
     def __init__(self):
         self.archives = []
 
-    def put_archive(self, path, data):
-        self.archives.append((path, data))
-        return True
+    def put_stream(self, path, chunks):
+        self.archives.append((path, b"".join(chunks)))
 
 
 def _node_digest(path: Path) -> str:
@@ -415,6 +414,9 @@ def test_a_symlinked_hub_snapshot_copies_as_files_with_a_stable_digest(tmp_path:
     container = _Container()
     monkeypatch.setattr(transfer, "digest", lambda *a: "missing")
     monkeypatch.setattr(transfer, "exec_text", lambda *a: "")
+    monkeypatch.setattr(
+        transfer, "put_stream", lambda c, path, chunks, node: c.put_stream(path, chunks)
+    )
     assert transfer.push_local(container, snapshot, "/workspace/models/tiny", "lab1")
     [(target, archive)] = container.archives
     assert target == "/workspace/models/tiny" and archive == transfer.local_tar(snapshot)
