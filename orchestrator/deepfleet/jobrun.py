@@ -90,7 +90,8 @@ def clean_slate(session: Session, containers: dict[str, str], out) -> None:
         if count is None:
             out.write(f"[{name}] could not check for an earlier job's processes\n")
         elif count:
-            out.write(f"[{name}] stopped {count} processes an earlier job left behind\n")
+            what = "process" if count == 1 else "processes"
+            out.write(f"[{name}] stopped {count} {what} an earlier job left behind\n")
     for name, container_id in containers.items():
         api = session.clients[name].api
         exec_id = api.exec_create(container_id, ["rm", "-rf", HEARTBEAT_DIR])["Id"]
@@ -107,19 +108,17 @@ def run_job(
     options: RunOptions | None = None,
     checked: bool = False,
 ) -> list[str]:
-    """Launch `module` on the plan; `checked`: the network preflight already ran."""
+    """Launch `module` on the plan; `checked`: ready_cluster already ran for this job."""
     options = options or RunOptions()
+    if not checked:
+        ready_cluster(session, slots, options, out)
     plan = job_plan(session, slots, options.backend)
     out.write(describe(plan) + "\n")
     master = session.master
     every = {n.spec.name: n.container_id for n in session.state.nodes}
     # the planned nodes, and the master: the launcher runs there even when it has no slot
     containers = {name: every[name] for name in [master, *(n.name for n in plan.nodes)]}
-    check_no_live_job(session, options.liveness)
-    clean_slate(session, every, out)
     write_launch_files(session, plan, options)
-    if not checked:
-        check_network(session, slots, options, out)
     spec = launch.launch_spec(plan, module, args)
     out.write(f"deepfleet: {spec.shell()}\n")
 
@@ -186,6 +185,14 @@ def _outcome(module: str, master: str, result: launch.LaunchResult) -> list[str]
 def job_plan(session: Session, slots: dict | None, backend: str | None = None) -> ClusterPlan:
     """The plan a job runs: the cluster's slots with the job's own over them."""
     return session.plan(slots={**session.state.slots, **(slots or {})}, backend=backend)
+
+
+def ready_cluster(session: Session, slots: dict | None, options: RunOptions, out) -> None:
+    """Before anything is copied: no other job running, nothing left of a dead one (its
+    ranks would hold the ports), and every path the job uses answers."""
+    check_no_live_job(session, options.liveness)
+    clean_slate(session, {n.spec.name: n.container_id for n in session.state.nodes}, out)
+    check_network(session, slots, options, out)
 
 
 def check_network(session: Session, slots: dict | None, options: RunOptions, out) -> None:

@@ -20,7 +20,7 @@ from .cluster import Session
 from .connect import fan_out
 from .containers import exec_text
 from .errors import DeepfleetError, InputError
-from .jobrun import RunOptions, check_network, job_plan, run_job
+from .jobrun import RunOptions, job_plan, ready_cluster, run_job
 
 # Passed to the nodes' download step through the exec environment only: never in a file,
 # an image, the launcher's command line or its logs.
@@ -270,7 +270,7 @@ def prepare_train(session: Session, req: TrainRequest, out, secrets=None) -> tup
 def train(session: Session, req: TrainRequest, out=sys.stdout, environ=None) -> list[str]:
     secrets = secrets_from(environ if environ is not None else os.environ)
     check_inputs(req)
-    check_network(session, req.slots, req.options, out)
+    ready_cluster(session, req.slots, req.options, out)
     model, data = prepare_train(session, req, out, secrets)
     precision = job_plan(session, req.slots, req.options.backend).precision
     return run_job(
@@ -313,7 +313,7 @@ def infer(
     stamp = time.strftime("%Y%m%d-%H%M%S")
     job = f"{run_dir(req.run)}/infer-{stamp}"
     prompts = _prompt_records(req)  # checked before anything is copied
-    check_network(session, req.slots, req.options, out)
+    ready_cluster(session, req.slots, req.options, out)
     if not req.model:
         model = f"{run_dir(req.run)}/final"
         _replicate_from_master(session, model, out)
@@ -331,7 +331,7 @@ def infer(
     run_job(
         session, "deepfleet_node.infer",
         infer_args(req, model, f"{job}/prompts.jsonl", result, chosen.mode),
-        out, chosen.slots, secrets, req.options,
+        out, chosen.slots, secrets, req.options, checked=True,
     )  # fmt: skip
     data = transfer.fetch_file(session.container(session.master), result, session.master)
     local = Path(req.output or f"outputs/{req.run}-{stamp}.jsonl")

@@ -218,7 +218,8 @@ def test_sighup_stops_every_rank_like_ctrl_c(cluster):
 
 
 def test_an_operator_killed_outright_leaves_a_job_the_next_one_waits_for_then_clears(cluster):
-    """SIGKILL leaves no chance to stop anything: its job's lease lapses, then it is cleared."""
+    """SIGKILL leaves no chance to stop anything: its job's lease must lapse first, then
+    whatever it left behind is stopped before the next job starts."""
     proc, seen = train_until_step(cluster, LONG_TRAIN, 20, stderr=subprocess.PIPE)
     proc.kill()
     proc.communicate(timeout=60)
@@ -227,11 +228,23 @@ def test_an_operator_killed_outright_leaves_a_job_the_next_one_waits_for_then_cl
     assert refused.returncode == 1 and len(err) == 1, err
     assert err[0].startswith("deepfleet: lab1: a job started from ") and "is running" in err[0]
     time.sleep(40)  # three watchdog rounds without renewal: the lease has lapsed
-    start = time.monotonic()
-    result = cluster.run("train", "--run", "after-kill", "--steps", "5", "--log-every", "5")
-    assert "processes an earlier job left behind" in result.stdout, result.stdout[-3000:]
-    assert steps(result.stdout)[-1][0] == 5
-    record("next job after a SIGKILLed operator", time.monotonic() - start, "(trains)")
+    # the killed job's ranks may have died of their closed pipes by now; a process such a
+    # job leaves behind, planted here, must not survive into the next one
+    planted = subprocess.Popen(
+        ["docker", "exec", lab_machine(cluster, 1), "docker", "exec", NODE, "python", "-c",
+         "import time; time.sleep(600)", "deepfleet_node.train", "--local_rank=0"],
+    )  # fmt: skip
+    try:
+        time.sleep(3)
+        start = time.monotonic()
+        result = cluster.run("train", "--run", "after-kill", "--steps", "5", "--log-every", "5")
+        assert "[lab2] stopped " in result.stdout, result.stdout[-3000:]
+        assert "an earlier job left behind" in result.stdout
+        assert steps(result.stdout)[-1][0] == 5
+        record("next job after a SIGKILLed operator", time.monotonic() - start, "(trains)")
+    finally:
+        planted.kill()
+    assert ranks_gone(cluster, within=10) == []
 
 
 # ------------------------------------------------------------------ restarted machines
