@@ -122,67 +122,81 @@ def test_a_blocked_rendezvous_port_fails_in_seconds_naming_both_machines(cluster
 # ------------------------------------------------------------------ liveness
 
 
-def test_a_frozen_node_container_ends_the_job_naming_its_machine(cluster):
+def fault_during_training(cluster, make_fault, undo_fault) -> tuple[float, str, str]:
+    """Train until step 20, make the fault, and wait for the job to end by itself.
+
+    (seconds from the fault to the job's end, its last stderr line, everything it printed);
+    the fault is undone however the wait ends.
+    """
     proc, seen = train_until_step(
         cluster, [*LONG_TRAIN, "--liveness-timeout", LIVENESS], 20, stderr=subprocess.PIPE
     )
     start = time.monotonic()
-    on_machine(cluster, 2, "docker", "pause", NODE)
+    make_fault()
     try:
         output, err = finish(proc, seen)
         took = time.monotonic() - start
-        assert proc.returncode == 1, output[-3000:]
-        line = last_line(err)
-        assert line.startswith("deepfleet: lab3: its node container is frozen (paused)"), err
-        assert took < 60, took
-        assert states(cluster)["lab3"] == "paused"
-        record("lab3's node container frozen (docker pause)", took, line)
+        assert proc.returncode == 1, output[-3000:] + err
+        return took, last_line(err), output
     finally:
-        on_machine(cluster, 2, "docker", "unpause", NODE)
+        undo_fault()
+
+
+def test_a_frozen_node_container_ends_the_job_naming_its_machine(cluster):
+    def freeze():
+        on_machine(cluster, 2, "docker", "pause", NODE)
+
+    shown = []
+
+    def thaw():
+        try:
+            shown.append(states(cluster)["lab3"])  # what status says while it lasts
+        finally:
+            on_machine(cluster, 2, "docker", "unpause", NODE)
+
+    took, line, _ = fault_during_training(cluster, freeze, thaw)
+    assert shown == ["paused"]
+    assert line.startswith("deepfleet: lab3: its node container is frozen (paused)"), line
+    assert took < 60, took
+    record("lab3's node container frozen (docker pause)", took, line)
     # the frozen machine's ranks find their peers gone once it thaws
     assert ranks_gone(cluster, within=90) == []
 
 
 def test_a_machine_that_stops_answering_ends_the_job_within_the_liveness_bound(cluster):
     """The whole machine freezes (its sshd, engine and node container): nothing answers."""
-    proc, seen = train_until_step(
-        cluster, [*LONG_TRAIN, "--liveness-timeout", LIVENESS], 20, stderr=subprocess.PIPE
-    )
-    start = time.monotonic()
-    on_machine(cluster, 2, "docker", "pause", NODE)
-    subprocess.run(["docker", "pause", lab_machine(cluster, 2)], check=True, timeout=60)
-    try:
-        output, err = finish(proc, seen)
-        took = time.monotonic() - start
-        assert proc.returncode == 1, output[-3000:]
-        line = last_line(err)
-        assert line.startswith("deepfleet: lab3: stopped answering for "), err
-        assert "the ranks on the other nodes were stopped" in line
-        assert took < float(LIVENESS) + 60, took
-        record("lab3 stops answering (machine frozen)", took, line)
-    finally:
+
+    def freeze():
+        on_machine(cluster, 2, "docker", "pause", NODE)
+        subprocess.run(["docker", "pause", lab_machine(cluster, 2)], check=True, timeout=60)
+
+    def thaw():
         subprocess.run(["docker", "unpause", lab_machine(cluster, 2)], timeout=60)
         on_machine(cluster, 2, "docker", "unpause", NODE)
+
+    took, line, _ = fault_during_training(cluster, freeze, thaw)
+    assert line.startswith("deepfleet: lab3: stopped answering for "), line
+    assert "the ranks on the other nodes were stopped" in line
+    assert took < float(LIVENESS) + 60, took
+    record("lab3 stops answering (machine frozen)", took, line)
     assert ranks_gone(cluster, within=90) == []
 
 
 def test_a_stopped_rank_process_is_found_by_its_heartbeat(cluster):
     """lab2 answers, but its rank no longer runs (SIGSTOP): only its heartbeat tells."""
-    proc, seen = train_until_step(
-        cluster, [*LONG_TRAIN, "--liveness-timeout", LIVENESS], 20, stderr=subprocess.PIPE
-    )
-    start = time.monotonic()
-    code, out = cluster.node_exec(1, ["pkill", "-STOP", "-f", "deepfleet_node.train --local_rank"])
-    assert code == 0, out
-    try:
-        output, err = finish(proc, seen)
-        took = time.monotonic() - start
-        assert proc.returncode == 1, output[-3000:]
-        line = last_line(err)
-        assert line.startswith("deepfleet: lab2: rank 1 stopped making progress: no heartbeat"), err
-        record("lab2's rank stopped (SIGSTOP), its machine answering", took, line)
-    finally:
+
+    def stop_rank():
+        code, out = cluster.node_exec(
+            1, ["pkill", "-STOP", "-f", "deepfleet_node.train --local_rank"]
+        )
+        assert code == 0, out
+
+    def resume_rank():
         cluster.node_exec(1, ["pkill", "-CONT", "-f", "deepfleet_node.train"])
+
+    took, line, _ = fault_during_training(cluster, stop_rank, resume_rank)
+    assert line.startswith("deepfleet: lab2: rank 1 stopped making progress: no heartbeat"), line
+    record("lab2's rank stopped (SIGSTOP), its machine answering", took, line)
     assert ranks_gone(cluster, within=30) == []
 
 
