@@ -4,16 +4,18 @@ Before: the launch files, a clean slate (heartbeats, processes an earlier job le
 the network preflight. During: the launcher's labelled output and the watchdog. After a
 rank dies, a node is lost, or the operator is interrupted (Ctrl-C, SIGTERM, SIGHUP):
 every rank on every node is stopped and the job ends with one line naming the node.
-
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import docker
+
 from . import hostfile, launch, preflight, transfer
 from .cluster import CLUSTER_KEY, SSH_DIR, Session
-from .errors import JobError, ignoring_interrupts
+from .connect import docker_cause
+from .errors import ContainerError, JobError, ignoring_interrupts
 from .plan import RUN_DIR, ClusterPlan, describe
 from .watchdog import (
     HEARTBEAT_DIR,
@@ -59,13 +61,22 @@ def write_launch_files(session: Session, plan: ClusterPlan, options: RunOptions)
     transfer.put_files(container, SSH_DIR, {"config": (ssh_config, 0o600)}, master)
 
 
+def run_on(session: Session, name: str, argv: list[str]) -> str:
+    """A short command in a node's container; an engine refusal is one line naming the node."""
+    node = session.node_state(name)
+    api = session.clients[name].api
+    try:
+        return api.exec_start(api.exec_create(node.container_id, argv)["Id"]).decode(
+            errors="replace"
+        )
+    except docker.errors.APIError as exc:
+        raise ContainerError(docker_cause(exc, node.container_name), name) from exc
+
+
 def check_no_live_job(session: Session, policy: LivenessPolicy) -> None:
     """Refuse while another operator's job runs here: its watchdog renews the master's lease."""
     master = session.master
-    api = session.clients[master].api
-    container_id = session.node_state(master).container_id
-    exec_id = api.exec_create(container_id, ["sh", "-c", LEASE_READ_SH])["Id"]
-    holder = live_lease(api.exec_start(exec_id).decode(errors="replace"), policy)
+    holder = live_lease(run_on(session, master, ["sh", "-c", LEASE_READ_SH]), policy)
     if holder:
         raise JobError(
             f"a job started from {holder} is running on this cluster; wait for it, or end it "
@@ -77,10 +88,7 @@ def check_no_live_job(session: Session, policy: LivenessPolicy) -> None:
 
 def release_lease(session: Session) -> None:
     """`deepfleet stop`: the job is over, whoever started it."""
-    master = session.master
-    api = session.clients[master].api
-    container_id = session.node_state(master).container_id
-    api.exec_start(api.exec_create(container_id, ["rm", "-f", LEASE])["Id"])
+    run_on(session, session.master, ["rm", "-f", LEASE])
 
 
 def clean_slate(session: Session, containers: dict[str, str], out) -> None:
@@ -92,10 +100,8 @@ def clean_slate(session: Session, containers: dict[str, str], out) -> None:
         elif count:
             what = "process" if count == 1 else "processes"
             out.write(f"[{name}] stopped {count} {what} an earlier job left behind\n")
-    for name, container_id in containers.items():
-        api = session.clients[name].api
-        exec_id = api.exec_create(container_id, ["rm", "-rf", HEARTBEAT_DIR])["Id"]
-        api.exec_start(exec_id)
+    for name in containers:
+        run_on(session, name, ["rm", "-rf", HEARTBEAT_DIR])
 
 
 def run_job(

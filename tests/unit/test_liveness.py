@@ -230,3 +230,31 @@ def test_the_watchdog_renews_the_lease_on_the_master_only_and_gives_it_back():
     assert ("c1", "me (pid 1)") in asked and ("c2", None) in asked
     assert all(lease is None for container, lease in asked if container == "c2")
     assert api_calls == [("c1", ["rm", "-f", "/workspace/.deepfleet/job.lease"])]
+
+
+def test_an_engine_refusal_in_a_job_step_is_one_line_naming_the_node():
+    import docker
+
+    from deepfleet.errors import ContainerError
+    from deepfleet.jobrun import run_on
+
+    class Api:
+        def exec_create(self, container, argv):
+            response = type("R", (), {"status_code": 409, "reason": "Conflict", "url": "u"})()
+            raise docker.errors.APIError(
+                "409 Client Error", response, explanation="Container abc is paused, unpause it"
+            )
+
+        def exec_start(self, exec_id):  # never reached: the create is refused
+            raise AssertionError("exec_start after a refused exec_create")
+
+    node = type("N", (), {"container_id": "abc", "container_name": "deepfleet-node"})()
+    session = type(
+        "S", (), {"clients": {"lab2": type("C", (), {"api": Api()})()},
+                  "node_state": lambda self, name: node},
+    )()  # fmt: skip
+    with pytest.raises(ContainerError) as info:
+        run_on(session, "lab2", ["true"])
+    assert info.value.one_line() == (
+        "lab2: deepfleet-node is paused (frozen); `docker unpause deepfleet-node` on that machine"
+    )
