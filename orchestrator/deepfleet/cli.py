@@ -9,7 +9,7 @@ import signal
 import sys
 from pathlib import Path
 
-from . import cluster, doctor, jobrun, jobs, launch, reports
+from . import cluster, doctor, jobrun, jobs, launch, memfit, reports, trainplan
 from .build import BuildRequest, build
 from .connect import DEFAULT_STALL, STALL_ENV, first_line
 from .errors import DeepfleetError, Interrupted, JobError, raise_interrupted
@@ -118,6 +118,7 @@ def _train_request(args) -> jobs.TrainRequest:
         resume=args.resume,
         epochs=args.epochs,
         global_batch=args.global_batch,
+        balance=args.balance,
         slots=_slots(args.slots),
         extra=args.extra,
         options=_run_options(args),
@@ -158,6 +159,13 @@ def _add_run_options(p: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
+def _add_balance(p) -> None:
+    p.add_argument(
+        "--balance", default="speed", choices=trainplan.BALANCES,
+        help="speed: each rank's micro-batch follows its measured speed (default); even",
+    )  # fmt: skip
+
+
 def cmd_plan(args) -> int:
     """The plan from the saved cluster, or from detect reports given as files."""
     if args.reports:
@@ -182,8 +190,29 @@ def cmd_plan(args) -> int:
     else:
         session = cluster.Session(StateStore(args.state_dir).load(), {})
         plan = jobrun.job_plan(session, _slots(args.slots), args.backend)
-    print(json.dumps(plan_dict(plan), indent=2) if args.json else describe(plan))
+        reports_ = session.state.reports()
+    shape = None
+    if args.model_info:
+        shape = _model_info(Path(args.model_info))
+    tp = trainplan.plan_training(
+        plan, reports_, shape, args.config, args.seq_len, args.micro_batch, args.balance
+    )
+    if args.json:
+        print(json.dumps({**plan_dict(plan), "train": trainplan.as_dict(tp)}, indent=2))
+    else:
+        print(describe(plan))
+        print(trainplan.describe(tp))
     return 0
+
+
+def _model_info(path: Path) -> memfit.ModelShape:
+    """A model's shape as `python -m deepfleet_node.modelinfo --model M` prints it."""
+    try:
+        return memfit.ModelShape.from_info(json.loads(path.read_text()), name=path.stem)
+    except OSError as exc:
+        raise DeepfleetError(f"cannot read {path}: {exc.strerror}") from exc
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DeepfleetError(f"{path} is not modelinfo's JSON (missing {exc})") from exc
 
 
 def cmd_stop(args) -> int:
@@ -217,8 +246,15 @@ def cmd_train(args) -> int:
         state = store.load()
         session = cluster.Session(state, {})
         plan = jobrun.job_plan(session, req.slots, req.options.backend)
+        tp = trainplan.plan_training(
+            plan, state.reports(), None, req.config, req.seq_len, req.micro_batch, req.balance
+        )
         print(describe(plan))
-        print(jobs.train_dry_run(plan, req))
+        print(trainplan.describe(tp))
+        if req.config == "auto":
+            print("memory: CONFIG=auto is decided at launch from the model's shape "
+                  f"(shown: {tp.config}, the cheapest, which runs when it fits)")  # fmt: skip
+        print(jobs.train_dry_run(plan, req, tp.config))
         return 0
     session = cluster.open_session(store, args.timeout, heal=True)
     try:
@@ -334,7 +370,10 @@ def parser() -> argparse.ArgumentParser:
     tr = sub.add_parser("train", help="train with the DeepSpeed launcher on the cluster")
     tr.add_argument("--model", default=jobs.DEMO, help="demo, a local dir, or a hub name")
     tr.add_argument("--data", default=jobs.DEMO, help="demo, or a local .txt/.jsonl file or dir")
-    tr.add_argument("--config", default="zero2", help="zero1|zero2|zero3|zero3-offload or a path")
+    tr.add_argument(
+        "--config", default="zero2",
+        help="zero1|zero2|zero3|zero3-offload, auto (the cheapest that fits), or a path",
+    )  # fmt: skip
     tr.add_argument("--run", default="demo", help="run name: checkpoints/<run> on every node")
     tr.add_argument("--steps", type=int, default=60)
     tr.add_argument("--epochs", type=float, default=None, help="instead of --steps")
@@ -352,6 +391,7 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--log-every", type=int, default=5)
     tr.add_argument("--save-every", type=int, default=0)
     tr.add_argument("--resume", action="store_true")
+    _add_balance(tr)
     tr.add_argument("--dry-run", action="store_true", help="print the launcher command only")
     _add_run_options(tr)
     tr.add_argument("extra", nargs="*", help="passed to train.py after --")
@@ -384,6 +424,14 @@ def parser() -> argparse.ArgumentParser:
     pl.add_argument("--slots", action="append", default=[], metavar="NODE=N")
     pl.add_argument("--cpu-slots", type=int, default=1, help="with --reports: per CPU machine")
     pl.add_argument("--json", action="store_true")
+    pl.add_argument(
+        "--model-info", metavar="FILE",
+        help="modelinfo JSON (python -m deepfleet_node.modelinfo --model M): adds the memory fit",
+    )  # fmt: skip
+    pl.add_argument("--config", default="zero2", help="as train's --config (auto: cheapest fit)")
+    pl.add_argument("--seq-len", type=int, default=64)
+    pl.add_argument("--micro-batch", type=int, default=4)
+    _add_balance(pl)
     _add_backend(pl)
     pl.set_defaults(func=cmd_plan)
 

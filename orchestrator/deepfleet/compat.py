@@ -147,6 +147,23 @@ def arch_problem(report: NodeReport, gpu: GPU) -> str | None:
     return None
 
 
+def gpu_problems(report: NodeReport) -> dict[int, str]:
+    """Each GPU the image's torch cannot drive (by index), and why."""
+    problems: dict[int, str] = {}
+    for gpu in usable_gpus(report):
+        for check in (driver_problem, arch_problem):
+            problem = check(report, gpu)
+            if problem:
+                problems.setdefault(gpu.index, problem)
+    return problems
+
+
+def drivable_gpus(report: NodeReport) -> list[GPU]:
+    """The GPUs a job can use: the vendor's, minus those the image's torch cannot drive."""
+    bad = gpu_problems(report)
+    return [gpu for gpu in usable_gpus(report) if gpu.index not in bad]
+
+
 def node_problems(report: NodeReport) -> list[str]:
     """Why this node's GPUs cannot run its image's torch; empty when they can."""
     problems: list[str] = []

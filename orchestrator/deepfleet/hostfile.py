@@ -9,8 +9,15 @@ from .plan import ClusterPlan
 
 
 def render_hostfile(plan: ClusterPlan) -> str:
-    """`address slots=N` per node, master first (DeepSpeed's rank order follows the file)."""
-    return "".join(f"{node.address} slots={node.slots}\n" for node in plan.nodes)
+    """`address slots=N` per node, master first (DeepSpeed's rank order follows the file).
+
+    A node whose ranks skip some GPUs lists every device up to its last one; the
+    launcher's --include (launch.include_filter) then picks the ones it uses."""
+    return "".join(f"{node.address} slots={device_count(node)}\n" for node in plan.nodes)
+
+
+def device_count(node) -> int:
+    return max(node.devices) + 1 if node.devices else node.slots
 
 
 def render_deepspeed_env(env: Mapping[str, str]) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from .compat import usable_gpus
+from .compat import drivable_gpus
 from .errors import PlanError
 from .plan import ClusterPlan
 from .reports import NodeReport
@@ -27,7 +27,7 @@ class InferencePlan:
 
 def _device_memory(report: NodeReport, slots: int) -> list[int]:
     """Memory of each device a replica could use on this node."""
-    gpus = [g.memory_bytes or 0 for g in usable_gpus(report)]
+    gpus = [g.memory_bytes or 0 for g in drivable_gpus(report)]
     if gpus:
         return gpus
     return [report.memory_bytes]  # CPU: the node's RAM is one device
@@ -39,9 +39,10 @@ def choose(
     if mode not in MODES:
         raise PlanError(f"unknown inference mode {mode!r}; use one of {', '.join(MODES)}")
     devices = {n.name: _device_memory(reports[n.name], n.slots) for n in plan.nodes}
-    is_cpu = plan.nodes[0].accelerator == "cpu"
     # CPU: the node's slots (one per node unless asked otherwise); GPU: one copy per device
-    replica_slots = {n.name: n.slots if is_cpu else len(devices[n.name]) for n in plan.nodes}
+    replica_slots = {
+        n.name: n.slots if n.accelerator == "cpu" else len(devices[n.name]) for n in plan.nodes
+    }
     all_slots = {n.name: n.slots for n in plan.nodes}
     need = int(model_bytes * HEADROOM) if model_bytes else None
     smallest = min(min(d) for d in devices.values())

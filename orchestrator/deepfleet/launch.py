@@ -49,10 +49,23 @@ class LaunchSpec:
         return shlex.join(self.argv)
 
 
+def include_filter(plan: ClusterPlan) -> tuple[str, ...]:
+    """DeepSpeed's --include when a node's ranks skip GPUs (it sets CUDA_VISIBLE_DEVICES
+    to the listed ones): every node with the devices it uses, `addr:0,2@addr2:0,1`."""
+    if not any(node.devices for node in plan.nodes):
+        return ()
+    parts = [
+        f"{node.address}:{','.join(str(d) for d in (node.devices or range(node.slots)))}"
+        for node in plan.nodes
+    ]
+    return ("--include", "@".join(parts))
+
+
 def launcher_argv(plan: ClusterPlan, module: str, args: Sequence[str]) -> tuple[str, ...]:
     return (
         "deepspeed",
         "--hostfile", HOSTFILE,
+        *include_filter(plan),
         "--ssh_port", str(plan.ssh_port),
         "--master_addr", plan.master_addr,
         "--master_port", str(plan.master_port),

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from .compat import effective_accelerator, node_problems, usable_gpus
+from .compat import drivable_gpus, effective_accelerator, gpu_problems, usable_gpus
 from .errors import PlanError
 from .inventory import Inventory
 from .reports import NodeReport
@@ -21,7 +21,8 @@ WORKDIR = "/workspace"
 RUN_DIR = "/workspace/.deepfleet"
 HOSTFILE = f"{RUN_DIR}/hostfile"
 COMPARED_VERSIONS = ("python", "torch", "deepspeed", "transformers")
-BACKENDS = {"cuda": "nccl", "rocm": "nccl", "cpu": "gloo"}  # RCCL answers to "nccl" in torch
+MIXED = "mixed"  # a world of several accelerators: gloo between them, each rank its device
+BACKENDS = {"cuda": "nccl", "rocm": "nccl", "cpu": "gloo", MIXED: "gloo"}  # RCCL is "nccl"
 
 
 @dataclass(frozen=True)
@@ -31,6 +32,9 @@ class PlannedNode:
     slots: int
     accelerator: str
     gpus: int
+    # GPU indices the ranks use when some of the machine's GPUs sit out (DeepSpeed's
+    # --include); empty: the first `slots` devices
+    devices: tuple[int, ...] = ()
 
 
 def _bf16(gpu) -> bool:
@@ -45,7 +49,7 @@ def _bf16(gpu) -> bool:
 
 def choose_precision(reports: Mapping[str, NodeReport], names: list[str]) -> str:
     """One precision for the whole job: every rank must agree or ZeRO's buffers do not match."""
-    gpus = [g for n in names for g in usable_gpus(reports[n])]
+    gpus = [g for n in names for g in drivable_gpus(reports[n])]
     if not gpus:
         return "fp32"
     return "bf16" if all(_bf16(g) for g in gpus) else "fp16"
@@ -113,6 +117,7 @@ def plan_dict(plan: ClusterPlan) -> dict:
                 "slots": n.slots,
                 "accelerator": n.accelerator,
                 "gpus": n.gpus,
+                "devices": list(n.devices),
             }
             for n in plan.nodes
         ],  # fmt: skip
@@ -147,28 +152,54 @@ def check_versions(reports: Mapping[str, NodeReport]) -> None:
 
 
 def slots_for(report: NodeReport, cpu_slots: int) -> int:
-    return len(usable_gpus(report)) or cpu_slots
+    return len(drivable_gpus(report)) or cpu_slots
 
 
-def check_compat(reports: Mapping[str, NodeReport], names: list[str]) -> None:
-    """Refuse nodes whose driver or GPUs cannot run their image's torch, naming the fix."""
-    problems = [(name, p) for name in names for p in node_problems(reports[name])]
+def check_refused(
+    refused: list[tuple[str, str]], runnable: list[PlannedNode], asked: Mapping[str, int]
+) -> None:
+    """Machines whose GPUs cannot run the image sit the job out, unless nothing else can
+    run it or the user gave them slots: then the job is refused, naming each and the fix."""
+    forced = [(name, p) for name, p in refused if asked.get(name, 0) > 0]
+    if not refused or (not forced and runnable):
+        return
+    problems = forced or refused
     if len(problems) == 1:
         raise PlanError(problems[0][1], problems[0][0])
-    if problems:
-        raise PlanError("; ".join(f"{name}: {p}" for name, p in problems))
+    raise PlanError("; ".join(f"{name}: {p}" for name, p in problems))
+
+
+# Dense bf16 TFLOPS of common GPUs, by a distinctive part of the name: what a GPU brings
+# before its ranks are timed. Unknown GPUs count as DEFAULT_TFLOPS; only ratios matter.
+GPU_TFLOPS = {
+    "B200": 2250, "H200": 989, "H100": 989, "GH200": 989, "A100": 312, "A40": 150,
+    "A10": 125, "L40S": 362, "L40": 181, "L4": 121, "V100": 125, "T4": 65,
+    "RTX 5090": 210, "RTX 4090": 165, "RTX 4080": 97, "RTX 4070": 58, "RTX 3090": 71,
+    "RTX 3080": 59, "RTX 3070": 40, "RTX 3060": 25,
+    "MI355": 2500, "MI325": 1307, "MI300": 1307, "MI250": 362, "MI210": 181, "MI100": 92,
+    "7900 XTX": 123, "7900 XT": 103, "W7900": 123,
+}  # fmt: skip
+DEFAULT_TFLOPS = 50
+# One CPU core in the same unit (fp32 with AVX2/AVX-512, as torch reaches it on a GEMM).
+CPU_CORE_TFLOPS = 0.05
+
+
+def gpu_speed(gpu) -> float:
+    name = (gpu.name or "").upper()
+    for key in sorted(GPU_TFLOPS, key=len, reverse=True):  # "L40S" before "L40" before "L4"
+        if key.upper() in name:
+            return float(GPU_TFLOPS[key])
+    return float(DEFAULT_TFLOPS)
 
 
 def group_capacity(nodes: list[PlannedNode], reports: Mapping[str, NodeReport]) -> float:
-    """What a backend group brings: its GPUs' memory (a GPU of unknown size counts 8 GiB).
-
-    Memory stands in for speed until ranks are measured: within a vendor's generation the
-    two grow together, and memory is what decides whether a model fits at all.
-    """
+    """What a backend group brings: per GPU its memory (GiB) times its speed (a GPU of
+    unknown size counts 8 GiB, of unknown speed DEFAULT_TFLOPS). Memory decides whether a
+    model fits at all, speed how fast it trains once it does."""
     total = 0.0
     for node in nodes:
-        for gpu in usable_gpus(reports[node.name])[: node.slots]:
-            total += gpu.memory_bytes or (8 << 30)
+        for gpu in drivable_gpus(reports[node.name])[: node.slots]:
+            total += (gpu.memory_bytes or (8 << 30)) / (1 << 30) * gpu_speed(gpu)
     return total
 
 
@@ -223,7 +254,10 @@ def plan_cluster(
     master_port: int = MASTER_PORT,
     extra_env: Mapping[str, str] | None = None,
     backend: str | None = None,
+    mixed: bool = False,
 ) -> ClusterPlan:
+    """`mixed`: every backend group in one world whose collectives run over gloo in host
+    memory, each rank on its own device (replica inference, --bridge training)."""
     missing = [n.name for n in inventory.nodes if n.name not in reports]
     if missing:
         raise PlanError(f"no detect report from {', '.join(missing)}")
@@ -234,35 +268,48 @@ def plan_cluster(
         raise PlanError(f"slots given for unknown nodes: {', '.join(sorted(unknown))}")
     nodes = []
     left_out_by_slots: list[LeftOut] = []
+    refused: list[tuple[str, str]] = []
     for spec in inventory.nodes:
         report = reports[spec.name]
+        problems = gpu_problems(report)
+        drivable = drivable_gpus(report)
+        if usable_gpus(report) and not drivable:  # no GPU here can run the image's torch
+            refused.append((spec.name, next(iter(problems.values()))))
+            continue
         count = slots.get(spec.name, slots_for(report, cpu_slots))
         if count < 0:
             raise PlanError(f"slots cannot be negative, got {count}", spec.name)
         if count == 0:  # left out of this job
             left_out_by_slots.append(LeftOut(spec.name, "given 0 slots", f"--slots {spec.name}=N"))
             continue
-        nodes.append(
-            PlannedNode(
-                spec.name,
-                spec.host,
-                count,
-                effective_accelerator(report),
-                len(usable_gpus(report)),
+        for index, problem in problems.items():
+            left_out_by_slots.append(
+                LeftOut(f"{spec.name} GPU {index}", problem, "fix that, then `deepfleet up`")
             )
-        )
+        # the ranks must skip the GPUs in between
+        devices = tuple(g.index for g in drivable[:count]) if problems else ()
+        accelerator = effective_accelerator(report)
+        nodes.append(PlannedNode(spec.name, spec.host, count, accelerator, len(drivable), devices))
+    check_refused(refused, nodes, slots)
+    left_out_by_slots += [
+        LeftOut(name, problem, "fix that, then `deepfleet up`") for name, problem in refused
+    ]
     if not nodes:
         raise PlanError("every node has 0 slots: nothing would run")
-    check_compat(reports, [n.name for n in nodes])
-    nodes, left_out, accelerator = choose_group(nodes, reports, set(slots), backend)
+    if mixed and backend is None:
+        kinds = {n.accelerator for n in nodes}
+        left_out, accelerator = [], next(iter(kinds)) if len(kinds) == 1 else MIXED
+    else:
+        nodes, left_out, accelerator = choose_group(nodes, reports, set(slots), backend)
     dist_backend = BACKENDS.get(accelerator)
     if dist_backend is None:
         raise PlanError(f"no distributed backend for accelerator {accelerator!r}")
     threads = {}
-    if accelerator == "cpu":
+    cpu_nodes = [n for n in nodes if n.accelerator == "cpu"]
+    if cpu_nodes:
         # one OpenMP pool per rank sized to its share of the node; torch's default (every
         # core per process) oversubscribes as soon as a node runs two ranks
-        share = min(reports[n.name].cpu_count // n.slots for n in nodes)
+        share = min(reports[n.name].cpu_count // n.slots for n in cpu_nodes)
         threads = {"OMP_NUM_THREADS": str(max(1, share))}
     env = {
         **threads,
@@ -278,6 +325,10 @@ def plan_cluster(
         master_port=master_port,
         backend=dist_backend,
         env=env,
-        precision=choose_precision(reports, [n.name for n in nodes]),
+        precision=(
+            "per-rank"
+            if accelerator == MIXED
+            else choose_precision(reports, [n.name for n in nodes])
+        ),
         left_out=tuple(left_out_by_slots + left_out),
     )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, field
 
 from .errors import ReportError
@@ -36,9 +37,22 @@ class NodeReport:
     errors: tuple[str, ...] = ()
     # GPU architectures the image's torch carries kernels for (sm_90, gfx942, ...)
     torch_arch_list: tuple[str, ...] = ()
+    # The smallest cgroup limit over the node container and its ancestors (a machine-wide
+    # limit shows here when the container shares the host's cgroup namespace); None: none.
+    memory_limit_bytes: int | None = None
+    cpu_quota: float | None = None  # cores, from the CFS quota
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def memory_room(self) -> int:
+        """The memory a job may use on that machine: its RAM, or less under a limit."""
+        if self.memory_limit_bytes is None:
+            return self.memory_bytes
+        if self.memory_bytes <= 0:  # MemTotal unread: the limit is all that is known
+            return self.memory_limit_bytes
+        return min(self.memory_bytes, self.memory_limit_bytes)
 
     @property
     def gpu_summary(self) -> str:
@@ -62,6 +76,17 @@ def _gpu(raw: dict) -> GPU:
         gfx_target=raw.get("gfx_target"),
         pci_bus_id=raw.get("pci_bus_id"),
     )
+
+
+def _optional(raw: dict, key: str, kind):
+    """None stays None (absent in reports from older images); a value must be positive."""
+    value = raw.get(key)
+    if value is None:
+        return None
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not (number and math.isfinite(value) and value > 0):
+        raise ValueError(f"{key} {value!r} is not a positive number")
+    return kind(value)
 
 
 def parse(text: str | bytes, node: str | None = None) -> NodeReport:
@@ -92,6 +117,8 @@ def parse(text: str | bytes, node: str | None = None) -> NodeReport:
             },
             errors=tuple(f"{e.get('tool')}: {e.get('error')}" for e in raw.get("errors") or ()),
             torch_arch_list=tuple(str(a) for a in raw.get("torch_arch_list") or ()),
+            memory_limit_bytes=_optional(raw, "memory_limit_bytes", int),
+            cpu_quota=_optional(raw, "cpu_quota", float),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise ReportError(f"detect report is missing or has a bad field: {exc}", node) from exc

@@ -84,3 +84,33 @@ def test_plan_from_report_files_names_who_sits_out_and_the_override(tmp_path, ca
     plan = json.loads(capsys.readouterr().out)
     assert [n["name"] for n in plan["nodes"]] == ["laptop"] and plan["backend"] == "gloo"
     assert plan["left_out"][0]["name"] == "desktop"
+
+
+def test_plan_with_a_model_shape_gives_the_memory_verdict_and_auto_config(tmp_path, capsys):
+    import json
+
+    from unitdata import detect_report
+
+    from deepfleet import cli
+
+    for name, limit in (("big", None), ("small", 2 << 30)):
+        (tmp_path / f"{name}.json").write_text(json.dumps(detect_report(
+            ips=[f"192.0.2.{len(name)}"], cpu_count=2, memory_limit_bytes=limit,
+        )))  # fmt: skip
+    # a 100M-parameter Llama shape, as modelinfo prints it
+    info = {"params": 100_000_000, "largest_layer_params": 32000 * 512, "layers": 8,
+            "hidden_size": 512, "heads": 8, "vocab_size": 32000}  # fmt: skip
+    (tmp_path / "m.json").write_text(json.dumps(info))
+    files = [str(tmp_path / "big.json"), str(tmp_path / "small.json")]
+    args = ["plan", "--reports", *files, "--model-info", str(tmp_path / "m.json")]
+    assert cli.main(args + ["--micro-batch", "2", "--seq-len", "128"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("deepfleet: small: m (0.10B params) does not fit with zero2")
+    assert "CONFIG=zero3" in err and len(err.splitlines()) == 1
+    auto = args + ["--micro-batch", "2", "--seq-len", "128", "--config", "auto", "--json"]
+    assert cli.main(auto) == 0
+    train = json.loads(capsys.readouterr().out)["train"]
+    assert train["config"] == "zero3" and train["memory"]["fits"]
+    assert [r["micro_batch"] for r in train["ranks"]] == [2, 2]
+    assert cli.main(["plan", "--reports", *files, "--model-info", files[0]]) == 1
+    assert "is not modelinfo's JSON" in capsys.readouterr().err

@@ -214,12 +214,15 @@ def test_a_cuda_image_on_a_machine_without_gpus_runs_on_cpu():
 def test_plan_names_the_node_that_cannot_run_the_image():
     good = cuda_node(nvidia_gpu())
     old = cuda_node(nvidia_gpu(driver="535.104.05", runtime="12.2"))
-    with pytest.raises(PlanError) as err:
-        plan_cluster(inv("a", "b"), {"a": good, "b": old})
-    assert err.value.one_line().startswith("b: driver 535.104.05 runs CUDA up to 12.2")
-    # the same node sitting the job out (slots 0) lets the rest run
-    plan = plan_cluster(inv("a", "b"), {"a": good, "b": old}, slots={"b": 0})
+    # the rest runs the job; the machine sits out with its reason
+    plan = plan_cluster(inv("a", "b"), {"a": good, "b": old})
     assert plan.backend == "nccl" and [n.name for n in plan.nodes] == ["a"]
+    (out,) = plan.left_out
+    assert out.name == "b" and out.reason.startswith("driver 535.104.05 runs CUDA up to 12.2")
+    # slots given to it explicitly: refused, naming it and the fix
+    with pytest.raises(PlanError) as err:
+        plan_cluster(inv("a", "b"), {"a": good, "b": old}, slots={"b": 1})
+    assert err.value.one_line().startswith("b: driver 535.104.05 runs CUDA up to 12.2")
 
 
 def test_plan_lists_every_refused_node():

@@ -49,12 +49,14 @@ def test_a_gpu_and_a_cpu_machine_run_on_the_gpu_with_the_other_left_out_and_why(
     assert cpu_only.left_out[0].name == "a"
 
 
-def test_the_backend_group_with_the_most_gpu_memory_runs():
+def test_the_backend_group_with_the_most_gpu_memory_times_speed_runs():
     nvidia = rep(accelerator="cuda", gpu_vendor="nvidia", gpus=[gpu(i) for i in range(8)])
-    radeon = rep(accelerator="rocm", gpu_vendor="amd", gpus=[amd(i, 128 << 30) for i in range(4)])
+    mi250 = [dict(amd(i, 128 << 30), name="AMD Instinct MI250X") for i in range(4)]
+    radeon = rep(accelerator="rocm", gpu_vendor="amd", gpus=mi250)
     laptop = rep()
     plan = plan_cluster(inv("n", "r", "c"), {"n": nvidia, "r": radeon, "c": laptop})
-    assert [n.name for n in plan.nodes] == ["n"] and plan.world_size == 8  # 640 GiB vs 512
+    # 640 GiB x 989 TFLOPS against 512 GiB x 362
+    assert [n.name for n in plan.nodes] == ["n"] and plan.world_size == 8
     assert {x.name for x in plan.left_out} == {"r", "c"}
     big_amd = rep(accelerator="rocm", gpu_vendor="amd", gpus=[amd(i, 256 << 30) for i in range(4)])
     plan = plan_cluster(inv("n", "r", "c"), {"n": nvidia, "r": big_amd, "c": laptop})

@@ -2,7 +2,7 @@
 
     python -m deepfleet_node.modelinfo --model DIR_or_hub_name
 
-prints one JSON object: model_type, params, bytes_per_param, weights_bytes, layers,
+prints one JSON object: model_type, params, largest_layer_params, bytes_per_param, weights_bytes, layers,
 hidden_size, heads, kv_heads, head_dim, vocab_size, max_positions. The parameter count
 comes from building the model on PyTorch's meta device, where tensors have shapes but no
 storage, so a 70B config takes well under a second and a few hundred MB of RAM (mostly
@@ -48,11 +48,13 @@ def load_config(model: str, trust_remote_code: bool = False):
     return AutoConfig.from_pretrained(model, trust_remote_code=trust_remote_code)
 
 
-def count_params(config, trust_remote_code: bool = False) -> int:
-    """Parameters of the causal LM this config describes, counted on the meta device.
+def count_params(config, trust_remote_code: bool = False) -> tuple[int, int]:
+    """(parameters, largest layer's parameters) of the causal LM this config describes,
+    counted on the meta device.
 
     Tied weights (e.g. input and output embeddings) are one parameter and count once,
-    as in the real model's parameters().
+    as in the real model's parameters(). The largest layer is the module with the most
+    parameters of its own, as DeepSpeed's ZeRO-3 estimator counts it (it is gathered whole).
     """
     import torch
     from transformers import AutoModel, AutoModelForCausalLM
@@ -62,7 +64,10 @@ def count_params(config, trust_remote_code: bool = False) -> int:
             model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
         except ValueError:  # a config with no causal-LM head class: count the base model
             model = AutoModel.from_config(config, trust_remote_code=trust_remote_code)
-    return sum(p.numel() for p in model.parameters())
+    largest = max(
+        (sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()), default=0
+    )
+    return sum(p.numel() for p in model.parameters()), largest
 
 
 def model_info(model_or_config, trust_remote_code: bool = False) -> dict[str, Any]:
@@ -73,7 +78,7 @@ def model_info(model_or_config, trust_remote_code: bool = False) -> dict[str, An
         config = model_or_config
     # Multimodal configs nest the language model's shape in a text config.
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    params = count_params(config, trust_remote_code)
+    params, largest = count_params(config, trust_remote_code)
     bytes_per_param = config_dtype_bytes(config)
     heads = int(text.num_attention_heads)
     hidden = int(text.hidden_size)
@@ -82,6 +87,7 @@ def model_info(model_or_config, trust_remote_code: bool = False) -> dict[str, An
     return {
         "model_type": config.model_type,
         "params": int(params),
+        "largest_layer_params": int(largest),
         "bytes_per_param": bytes_per_param,
         "weights_bytes": int(params) * bytes_per_param,
         "layers": int(text.num_hidden_layers),

@@ -1,0 +1,142 @@
+"""A training job's plan: the cluster plan, the memory verdict and the micro-batch per rank.
+
+Pure, like plan.py: from the cluster plan, the node reports and the model's shape it
+decides the ZeRO config (CONFIG=auto) and refuses a job that would not fit before anything
+is copied or launched. The micro-batches shown per rank are an estimate from the reports
+(CPU quota and cores); the ranks measure their real speed at start and rebalance.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from . import memfit
+from .compat import drivable_gpus
+from .plan import CPU_CORE_TFLOPS, DEFAULT_TFLOPS, ClusterPlan, gpu_speed
+from .reports import NodeReport
+
+BALANCES = ("speed", "even")
+
+
+@dataclass(frozen=True)
+class TrainPlan:
+    cluster: ClusterPlan
+    config: str
+    micro_batch: int  # nominal per rank: the global micro-batch is this x world size
+    shares: tuple[int, ...]  # estimated samples per rank per micro-step, hostfile order
+    speeds: tuple[float, ...]  # estimated relative speed per rank
+    balance: str
+    verdict: memfit.Verdict | None = None  # None: model unknown or a custom config file
+
+    @property
+    def rank_names(self) -> list[str]:
+        return [n.name for n in self.cluster.nodes for _ in range(n.slots)]
+
+
+def rank_speeds(cluster: ClusterPlan, reports: Mapping[str, NodeReport]) -> list[float]:
+    """Relative speed per rank before anything is measured: a CPU rank gets its share of
+    the machine's cores (the cgroup quota where one is set), a GPU rank its GPU's rated
+    speed (plan.GPU_TFLOPS); the ranks time themselves at start."""
+    speeds = []
+    for node in cluster.nodes:
+        report = reports[node.name]
+        if node.accelerator == "cpu":
+            cores = report.cpu_quota or report.cpu_count
+            speeds += [cores * CPU_CORE_TFLOPS / node.slots] * node.slots
+        else:
+            gpus = drivable_gpus(report)
+            if node.devices:
+                gpus = [g for g in gpus if g.index in node.devices]
+            speeds += [gpu_speed(g) for g in gpus[: node.slots]]
+            speeds += [float(DEFAULT_TFLOPS)] * (node.slots - len(gpus[: node.slots]))
+    top = max(speeds)
+    return [s / top for s in speeds]
+
+
+def split(speeds: list[float], total: int) -> list[int]:
+    """total samples over ranks in proportion to speed, each at least one (largest remainder)."""
+    if total < len(speeds):
+        raise ValueError(f"{total} samples cannot give each of {len(speeds)} ranks one")
+    spare = total - len(speeds)
+    raw = [spare * s / sum(speeds) for s in speeds]
+    shares = [1 + int(r) for r in raw]
+    order = sorted(range(len(raw)), key=lambda i: (raw[i] - int(raw[i]), speeds[i]), reverse=True)
+    for i in order[: total - sum(shares)]:
+        shares[i] += 1
+    return shares
+
+
+def memory_config(config: str) -> str | None:
+    """The config memfit can judge; None for a user's JSON file."""
+    return config if config == "auto" or config in memfit.CONFIGS else None
+
+
+def plan_training(
+    cluster: ClusterPlan,
+    reports: Mapping[str, NodeReport],
+    shape: memfit.ModelShape | None,
+    config: str,
+    seq_len: int,
+    micro_batch: int,
+    balance: str = "speed",
+) -> TrainPlan:
+    """Raises PlanError, naming the machine, when the model does not fit."""
+    verdict = None
+    chosen = config
+    if shape is not None and memory_config(config):
+        ranks = [memfit.Rank(n.name, n.slots, n.accelerator) for n in cluster.nodes]
+        verdict = memfit.check(
+            shape, config, ranks, reports, seq_len, micro_batch, cluster.precision
+        )
+        chosen = verdict.config
+    elif config == "auto":
+        chosen = memfit.AUTO_ORDER[0]
+    speeds = rank_speeds(cluster, reports) if balance == "speed" else [1.0] * cluster.world_size
+    shares = split(speeds, micro_batch * cluster.world_size)
+    return TrainPlan(cluster, chosen, micro_batch, tuple(shares), tuple(speeds), balance, verdict)
+
+
+def describe(tp: TrainPlan) -> str:
+    names = tp.rank_names
+    per_rank = ", ".join(f"{name} {share}" for name, share in zip(names, tp.shares, strict=True))
+    how = "estimated; measured at start and rebalanced" if tp.balance == "speed" else "even"
+    lines = [
+        f"train: {tp.config}, global micro-batch {sum(tp.shares)} "
+        f"(micro-batch per rank: {per_rank}; {how})"
+    ]
+    if tp.verdict is not None:
+        lines.append(memfit.describe(tp.verdict))
+    elif memory_config(tp.config) is None:
+        lines.append(f"memory: not checked ({tp.config} is a custom config file)")
+    return "\n".join(lines)
+
+
+def as_dict(tp: TrainPlan) -> dict:
+    verdict = None
+    if tp.verdict is not None:
+        verdict = {
+            "fits": tp.verdict.fits,
+            "config": tp.verdict.config,
+            "micro_batch": tp.verdict.micro_batch,
+            "devices": [
+                {
+                    "machine": d.machine,
+                    "where": d.where,
+                    "need_bytes": d.need,
+                    "room_bytes": d.room,
+                    "fits": d.fits,
+                }
+                for d in tp.verdict.devices
+            ],  # fmt: skip
+        }
+    return {
+        "config": tp.config,
+        "balance": tp.balance,
+        "micro_batch": tp.micro_batch,
+        "ranks": [
+            {"machine": name, "micro_batch": share, "speed": round(speed, 3)}
+            for name, share, speed in zip(tp.rank_names, tp.shares, tp.speeds, strict=True)
+        ],
+        "memory": verdict,
+    }

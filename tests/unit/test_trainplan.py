@@ -1,0 +1,212 @@
+"""Training plans across unlike machines: backend, slots, micro-batch per rank, memory fit.
+
+Reports are synthetic (detect's JSON shape) with real model sizes: Llama-2-7B's
+6,738,415,616 parameters as transformers' LlamaConfig() builds it on the meta device.
+"""
+
+import json
+
+import pytest
+from unitdata import inv, rep
+
+from deepfleet import memfit, trainplan
+from deepfleet.errors import PlanError
+from deepfleet.hostfile import render_hostfile
+from deepfleet.launch import launcher_argv
+from deepfleet.plan import plan_cluster
+
+GIB = 1 << 30
+LLAMA2_7B = memfit.ModelShape(
+    params=6_738_415_616, largest_layer_params=32000 * 4096, layers=32, hidden_size=4096,
+    heads=32, vocab_size=32000, name="Llama-2-7B",
+)  # fmt: skip
+# a 125M model (GPT-2 small's shape): fits a laptop
+SMALL = memfit.ModelShape(125_000_000, 50257 * 768, 12, 768, 12, 50257, "small")
+CU130_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
+
+
+def nvidia(i, name="NVIDIA H100 80GB HBM3", memory=80 * GIB, cc="9.0"):
+    return {"index": i, "vendor": "nvidia", "name": name, "memory_bytes": memory,
+            "compute_capability": cc, "driver": "580.65.06", "runtime": "13.0"}  # fmt: skip
+
+
+def radeon(i, memory=24 * GIB):
+    return {"index": i, "vendor": "amd", "name": "AMD Radeon RX 7900 XTX",
+            "memory_bytes": memory, "gfx_target": "gfx1100"}  # fmt: skip
+
+
+def cuda_machine(*gpus, ram=2048 * GIB, **over):
+    versions = {"python": "3.11.2", "torch": "2.13.0+cu130", "deepspeed": "0.19.8",
+                "transformers": "5.23.0", "cuda": "13.0"}  # fmt: skip
+    return rep(accelerator="cuda", gpu_vendor="nvidia", gpus=list(gpus), memory_bytes=ram,
+               versions=versions, torch_arch_list=CU130_ARCHS, cpu_count=64, **over)  # fmt: skip
+
+
+def rocm_machine(*gpus, ram=128 * GIB):
+    return rep(accelerator="rocm", gpu_vendor="amd", gpus=list(gpus), memory_bytes=ram,
+               cpu_count=32)  # fmt: skip
+
+
+def train_plan(names, reports, shape, config="zero2", micro=4, seq=1024, **kw):
+    cluster = plan_cluster(inv(*names), reports, **kw)
+    return trainplan.plan_training(cluster, reports, shape, config, seq, micro)
+
+
+# ---- the fleet from the issue: 8x80 GB + 4x24 GB AMD + 1x8 GB, and a CPU laptop
+
+
+def fleet():
+    return {
+        "dgx": cuda_machine(*[nvidia(i) for i in range(8)]),
+        "amd": rocm_machine(*[radeon(i) for i in range(4)]),
+        "desk": cuda_machine(nvidia(0, "NVIDIA GeForce RTX 4060", 8 * GIB, "8.9"), ram=64 * GIB),
+        "laptop": rep(cpu_count=8, memory_bytes=16 * GIB),
+    }
+
+
+def test_the_fleet_runs_on_nvidia_and_names_who_sits_out():
+    tp = train_plan(["dgx", "amd", "desk", "laptop"], fleet(), SMALL)
+    assert [(n.name, n.slots) for n in tp.cluster.nodes] == [("dgx", 8), ("desk", 1)]
+    assert tp.cluster.backend == "nccl" and tp.cluster.precision == "bf16"
+    reasons = {x.name: (x.reason, x.override) for x in tp.cluster.left_out}
+    assert reasons["amd"] == (
+        "rocm while the job runs on cuda (one job needs one backend)",
+        "--backend rocm",
+    )
+    assert reasons["laptop"][1] == "--backend cpu"
+    # micro-batch per rank by rated speed: each H100 far ahead of the 4060
+    assert len(tp.shares) == 9 and sum(tp.shares) == 4 * 9
+    assert tp.shares[-1] == 1 and min(tp.shares[:8]) >= 4
+    assert tp.verdict.fits and tp.config == "zero2"
+
+
+def test_llama2_7b_does_not_fit_the_8gb_card_and_the_refusal_says_what_would():
+    with pytest.raises(PlanError) as err:
+        train_plan(["dgx", "amd", "desk", "laptop"], fleet(), LLAMA2_7B, micro=1, seq=512)
+    line = err.value.one_line()
+    assert line.startswith("desk: Llama-2-7B (6.74B params) does not fit with zero2")
+    assert "desk GPU 0 needs" in line and "has 8.0 GiB" in line
+    assert "CONFIG=zero3-offload" in line and "SLOTS=desk=0 (leave desk out)" in line
+    assert "\n" not in line
+
+
+def test_config_auto_picks_the_cheapest_setting_that_fits_every_machine():
+    # without the small card zero2 fits: 2P + 18P/8 = 28 GiB per H100, plus activations
+    tp = train_plan(["dgx"], {"dgx": fleet()["dgx"]}, LLAMA2_7B, config="auto")
+    assert tp.config == "zero2" and tp.verdict.fits
+    # with it, only offloading the parameters to host memory fits the 8 GB GPU
+    tp = train_plan(["dgx", "desk"], fleet(), LLAMA2_7B, config="auto", micro=1, seq=512)
+    assert tp.config == "zero3-offload"
+    desk_gpu = next(d for d in tp.verdict.devices if d.machine == "desk" and d.where == "GPU 0")
+    assert desk_gpu.need < 8 * GIB
+
+
+def test_zero3_partitions_states_so_a_model_too_big_for_each_gpu_fits_across_them():
+    eight = {"amd": rocm_machine(*[radeon(i) for i in range(8)], ram=256 * GIB)}
+    with pytest.raises(PlanError, match="does not fit with zero2.*would fit: CONFIG=zero3,"):
+        train_plan(["amd"], eight, LLAMA2_7B, micro=1, seq=512)
+    tp = train_plan(["amd"], eight, LLAMA2_7B, config="zero3", micro=1, seq=512)
+    gpu0 = tp.verdict.devices[0]
+    # 4 x largest layer + 18 bytes x P / 8 GPUs, plus activations and the GPU context
+    states = 4 * LLAMA2_7B.largest_layer_params + int(18 * LLAMA2_7B.params / 8)
+    assert states < gpu0.need < states + 5 * GIB and gpu0.need < 24 * GIB
+
+
+def test_one_machine_with_two_gpu_models_shares_by_speed_and_the_small_one_decides_fit():
+    mixed = cuda_machine(nvidia(0, "NVIDIA A100-SXM4-80GB", 80 * GIB, "8.0"),
+                         nvidia(1, "NVIDIA GeForce RTX 3060", 12 * GIB, "8.6"))  # fmt: skip
+    tp = train_plan(["m"], {"m": mixed}, SMALL, micro=7, seq=256)
+    assert tp.cluster.nodes[0].slots == 2 and tp.cluster.precision == "bf16"
+    assert tp.shares == (12, 2)  # 312 vs 25 rated TFLOPS, at least one each
+    wheres = [d.where for d in tp.verdict.devices]
+    assert wheres == ["GPU 0", "GPU 1", "RAM"]
+
+
+def test_gpus_the_images_torch_cannot_drive_sit_out_and_the_ranks_skip_them():
+    kepler = nvidia(1, "Tesla K80", 12 * GIB, "3.7")
+    box = cuda_machine(nvidia(0), kepler, nvidia(2))
+    cluster = plan_cluster(inv("box", "old"), {"box": box, "old": cuda_machine(kepler)})
+    node = cluster.nodes[0]
+    assert (node.name, node.slots, node.devices) == ("box", 2, (0, 2))
+    out = {x.name: x.reason for x in cluster.left_out}
+    assert "compute 3.7" in out["box GPU 1"] and "compute 3.7" in out["old"]
+    # the hostfile lists devices 0..2 and the launcher includes only 0 and 2
+    assert render_hostfile(cluster) == "10.0.0.1 slots=3\n"
+    argv = launcher_argv(cluster, "deepfleet_node.train", [])
+    assert argv[argv.index("--include") + 1] == "10.0.0.1:0,2"
+
+
+def test_a_2gib_cgroup_limit_is_the_room_that_counts():
+    roomy = rep(cpu_count=2, memory_bytes=24 * GIB)
+    limited = rep(cpu_count=2, memory_bytes=24 * GIB, memory_limit_bytes=2 * GIB, cpu_quota=0.3)
+    medium = memfit.ModelShape(100_000_000, 32000 * 512, 8, 512, 8, 32000, "medium")
+    reports = {"a": roomy, "b": roomy, "c": limited}
+    with pytest.raises(PlanError) as err:
+        train_plan(["a", "b", "c"], reports, medium, micro=2, seq=128)
+    line = err.value.one_line()
+    assert line.startswith("c: medium (0.10B params) does not fit with zero2")
+    assert "has 2.0 GiB" in line and "CONFIG=zero3" in line
+    tp = train_plan(["a", "b", "c"], reports, medium, config="auto", micro=2, seq=128)
+    assert tp.config == "zero3"
+    # CPU ranks by cores: 2, 2 and a 0.3-core quota
+    assert tp.shares == (3, 2, 1) and tp.speeds[2] == pytest.approx(0.15)
+
+
+def test_memory_need_grows_with_micro_batch_and_a_smaller_one_is_offered():
+    reports = {"a": rep(cpu_count=4, memory_bytes=6 * GIB)}
+    ranks = [memfit.Rank("a", 1, "cpu")]
+    need = [
+        memfit.machine_fits(SMALL, "zero2", ranks, reports, 512, b, "fp32").devices[0].need
+        for b in (1, 4, 16)
+    ]
+    assert need[0] < need[1] < need[2]
+    best = memfit.largest_micro_batch(SMALL, "zero2", ranks, reports, 512, 64, "fp32")
+    assert 1 <= best < 64
+    with pytest.raises(PlanError, match=f"--micro-batch {best}"):
+        trainplan.plan_training(plan_cluster(inv("a"), reports), reports, SMALL, "zero2", 512, 64)
+
+
+def test_without_a_model_the_plan_still_shows_slots_and_micro_batches():
+    reports = {"a": rep(cpu_count=4), "b": rep(cpu_count=2)}
+    tp = train_plan(["a", "b"], reports, None, micro=3)
+    assert tp.verdict is None and tp.shares == (4, 2)
+    text = trainplan.describe(tp)
+    assert "micro-batch per rank: a 4, b 2" in text
+    even = trainplan.plan_training(tp.cluster, reports, None, "zero2", 64, 3, balance="even")
+    assert even.shares == (3, 3)
+    assert json.loads(json.dumps(trainplan.as_dict(tp)))["ranks"][1] == {
+        "machine": "b", "micro_batch": 2, "speed": 0.5,
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "speeds,total,expected",
+    [([1, 1], 8, [4, 4]), ([3, 1], 8, [6, 2]), ([1, 0.5, 0.3], 12, [6, 4, 2]),
+     ([100, 1, 1], 4, [2, 1, 1]), ([1, 1, 1], 3, [1, 1, 1])],
+)  # fmt: skip
+def test_split_is_proportional_sums_to_total_and_gives_everyone_one(speeds, total, expected):
+    shares = trainplan.split(speeds, total)
+    assert shares == expected and sum(shares) == total
+    with pytest.raises(ValueError):
+        trainplan.split([1, 1, 1], 2)
+
+
+def test_a_mixed_world_keeps_every_accelerator_and_talks_over_gloo():
+    reports = fleet()
+    names = ["dgx", "amd", "desk", "laptop"]
+    mixed = plan_cluster(inv(*names), reports, mixed=True)
+    assert [(n.name, n.accelerator, n.slots) for n in mixed.nodes] == [
+        ("dgx", "cuda", 8), ("amd", "rocm", 4), ("desk", "cuda", 1), ("laptop", "cpu", 1),
+    ]  # fmt: skip
+    assert mixed.backend == "gloo" and mixed.env["DEEPFLEET_BACKEND"] == "gloo"
+    assert mixed.precision == "per-rank" and mixed.left_out == ()
+    # the CPU ranks' thread pools are sized from the CPU machines only
+    assert mixed.env["OMP_NUM_THREADS"] == "8"
+    # --backend still narrows it to one group
+    assert plan_cluster(inv(*names), reports, mixed=True, backend="rocm").backend == "nccl"
+    # replicas: one copy per GPU, the CPU machine's slots
+    from deepfleet import inferplan
+
+    chosen = inferplan.choose(mixed, reports, 250_000_000, "auto")
+    assert chosen.mode == "replicas" and chosen.slots == {"dgx": 8, "amd": 4, "desk": 1,
+                                                           "laptop": 1}  # fmt: skip
