@@ -124,6 +124,7 @@ class Session:
             cpu_slots=overrides.get("cpu_slots", self.state.cpu_slots),
             slots=overrides.get("slots", self.state.slots),
             backend=overrides.get("backend"),
+            mixed=overrides.get("mixed", False),
         )
 
     def close(self) -> None:

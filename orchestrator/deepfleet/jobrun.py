@@ -37,6 +37,7 @@ class RunOptions:
     collective_timeout: float = 600.0  # a collective waiting on a peer gives up after this
     preflight_timeout: float = 5.0
     backend: str | None = None  # cuda | rocm | cpu; None: the group with the most capacity
+    mixed: bool = False  # every backend group in one gloo world (replicas, --bridge)
 
 
 def launch_env(plan: ClusterPlan, options: RunOptions) -> dict[str, str]:
@@ -118,7 +119,7 @@ def run_job(
     options = options or RunOptions()
     if not checked:
         ready_cluster(session, slots, options, out)
-    plan = job_plan(session, slots, options.backend)
+    plan = job_plan(session, slots, options.backend, options.mixed)
     out.write(describe(plan) + "\n")
     master = session.master
     every = {n.spec.name: n.container_id for n in session.state.nodes}
@@ -188,9 +189,13 @@ def _outcome(module: str, master: str, result: launch.LaunchResult) -> list[str]
     return result.lines
 
 
-def job_plan(session: Session, slots: dict | None, backend: str | None = None) -> ClusterPlan:
+def job_plan(
+    session: Session, slots: dict | None, backend: str | None = None, mixed: bool = False
+) -> ClusterPlan:
     """The plan a job runs: the cluster's slots with the job's own over them."""
-    return session.plan(slots={**session.state.slots, **(slots or {})}, backend=backend)
+    return session.plan(
+        slots={**session.state.slots, **(slots or {})}, backend=backend, mixed=mixed
+    )
 
 
 def ready_cluster(session: Session, slots: dict | None, options: RunOptions, out) -> None:
@@ -203,5 +208,5 @@ def ready_cluster(session: Session, slots: dict | None, options: RunOptions, out
 
 def check_network(session: Session, slots: dict | None, options: RunOptions, out) -> None:
     """The preflight, before anything is copied: a blocked port fails in seconds."""
-    plan = job_plan(session, slots, options.backend)
+    plan = job_plan(session, slots, options.backend, options.mixed)
     preflight.run(session, plan, timeout=options.preflight_timeout, out=out)

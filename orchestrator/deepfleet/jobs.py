@@ -12,15 +12,16 @@ import os
 import sys
 import tarfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import inferplan, inputs, launch, transfer
+from . import inferplan, inputs, launch, memfit, trainplan, transfer
 from .cluster import Session
 from .connect import fan_out
 from .containers import exec_text
 from .errors import DeepfleetError, InputError
 from .jobrun import RunOptions, job_plan, ready_cluster, run_job
+from .plan import RUN_DIR
 
 # Passed to the nodes' download step through the exec environment only: never in a file,
 # an image, the launcher's command line or its logs.
@@ -42,7 +43,7 @@ DEMO = "demo"
 class TrainRequest:
     model: str = DEMO  # "demo", a local directory, or a hub name
     data: str = DEMO  # "demo" or a local file/directory
-    config: str = "zero2"
+    config: str = "zero2"  # a config name, "auto" (the cheapest that fits) or a path
     run: str = "demo"
     steps: int = 60
     seq_len: int = 64
@@ -53,6 +54,7 @@ class TrainRequest:
     resume: bool = False
     epochs: float | None = None
     global_batch: int | None = None
+    balance: str = "speed"  # micro-batch per rank by measured speed, or "even"
     slots: dict[str, int] = field(default_factory=dict)
     extra: list[str] = field(default_factory=list)
     options: RunOptions = field(default_factory=RunOptions)
@@ -87,12 +89,16 @@ def run_dir(run: str) -> str:
 
 
 def train_args(
-    req: TrainRequest, model_path: str, data_path: str, precision: str = "auto"
+    req: TrainRequest,
+    model_path: str,
+    data_path: str,
+    precision: str = "auto",
+    config: str | None = None,
 ) -> list[str]:
     args = [
         "--model", model_path,
         "--data", data_path,
-        "--deepspeed-config", req.config,
+        "--deepspeed-config", config or req.config,
         "--output", run_dir(req.run),
         *(["--epochs", str(req.epochs)] if req.epochs else ["--steps", str(req.steps)]),
         "--seq-len", str(req.seq_len),
@@ -100,6 +106,7 @@ def train_args(
         "--lr", str(req.lr),
         "--log-every", str(req.log_every),
         "--precision", precision,
+        "--balance", req.balance,
     ]  # fmt: skip
     if req.save_every:
         args += ["--save-every", str(req.save_every)]
@@ -254,32 +261,66 @@ def check_inputs(req: TrainRequest) -> None:
         inputs.check_model_dir(Path(req.model).expanduser())
 
 
-def prepare_train(session: Session, req: TrainRequest, out, secrets=None) -> tuple[str, str]:
-    # (resolve_model checks the model again; that is a few small files)
-    if req.model == DEMO or req.data == DEMO:
-        _ensure_demo_assets(session, out)
-    model = DEMO_MODEL
-    if req.model != DEMO:
-        model = resolve_model(session, req.model, out, secrets or {})
-    data = f"{DEMO_DATA}/train.txt"
-    if req.data != DEMO:
-        data = _push_everywhere(session, req.data, DATA, out)
-    return model, data
+def model_shape(session: Session, model: str, env: dict[str, str] | None = None):
+    """The model's shape from its config alone, read on the master (which has torch):
+    a local folder's config.json is sent there by itself, before any weights are copied."""
+    master = session.master
+    where = model
+    if is_local(model):
+        folder = inputs.check_model_dir(Path(model).expanduser())
+        where = f"{RUN_DIR}/shape/{folder.name}"
+        config = (folder / "config.json").read_bytes()
+        transfer.put_files(
+            session.container(master), where, {"config.json": (config, 0o644)}, master
+        )
+    code, output = session.container(master).exec_run(
+        ["python", "-m", "deepfleet_node.modelinfo", "--model", where], demux=True,
+        environment={"HF_HUB_OFFLINE": "1", **(env or {})},
+    )  # fmt: skip
+    if code != 0:
+        why = (output[1] or b"").decode(errors="replace").strip().splitlines()
+        raise DeepfleetError(
+            f"cannot read the shape of {model}: {why[-1] if why else code}", master
+        )
+    name = Path(model).name if is_local(model) else model
+    return memfit.ModelShape.from_info(json.loads(output[0].decode()), name=name)
+
+
+def plan_train(session: Session, req: TrainRequest, model: str, out) -> trainplan.TrainPlan:
+    """Memory fit and micro-batch per rank; a model that does not fit is refused here,
+    naming the machine, before its weights are copied anywhere."""
+    shape = model_shape(session, model) if trainplan.memory_config(req.config) else None
+    plan = job_plan(session, req.slots, req.options.backend)
+    tp = trainplan.plan_training(
+        plan, session.state.reports(), shape, req.config, req.seq_len, req.micro_batch,
+        req.balance,
+    )  # fmt: skip
+    out.write(trainplan.describe(tp) + "\n")
+    return tp
 
 
 def train(session: Session, req: TrainRequest, out=sys.stdout, environ=None) -> list[str]:
     secrets = secrets_from(environ if environ is not None else os.environ)
     check_inputs(req)
     ready_cluster(session, req.slots, req.options, out)
-    model, data = prepare_train(session, req, out, secrets)
-    precision = job_plan(session, req.slots, req.options.backend).precision
+    if req.model == DEMO or req.data == DEMO:
+        _ensure_demo_assets(session, out)
+    model = DEMO_MODEL if req.model == DEMO else req.model
+    if not is_local(model) and model != DEMO_MODEL:  # a hub name: config comes with weights
+        model = resolve_model(session, model, out, secrets)
+    tp = plan_train(session, req, model, out)  # a local folder: only its config.json so far
+    if req.model != DEMO and is_local(req.model):
+        model = resolve_model(session, req.model, out, secrets)
+    data = f"{DEMO_DATA}/train.txt"
+    if req.data != DEMO:
+        data = _push_everywhere(session, req.data, DATA, out)
+    args = train_args(req, model, data, tp.cluster.precision, tp.config)
     return run_job(
-        session, "deepfleet_node.train", train_args(req, model, data, precision), out, req.slots,
-        secrets, req.options, checked=True,
+        session, "deepfleet_node.train", args, out, req.slots, secrets, req.options, checked=True,
     )  # fmt: skip
 
 
-def train_dry_run(session_plan, req: TrainRequest) -> str:
+def train_dry_run(session_plan, req: TrainRequest, config: str | None = None) -> str:
     model = (
         DEMO_MODEL
         if req.model == DEMO
@@ -290,7 +331,7 @@ def train_dry_run(session_plan, req: TrainRequest) -> str:
         )
     )
     data = f"{DEMO_DATA}/train.txt" if req.data == DEMO else _in_container_path(req.data, DATA)
-    args = train_args(req, model, data, session_plan.precision)
+    args = train_args(req, model, data, session_plan.precision, config)
     return launch.launch_spec(session_plan, "deepfleet_node.train", args).shell()
 
 
@@ -313,7 +354,7 @@ def infer(
     stamp = time.strftime("%Y%m%d-%H%M%S")
     job = f"{run_dir(req.run)}/infer-{stamp}"
     prompts = _prompt_records(req)  # checked before anything is copied
-    ready_cluster(session, req.slots, req.options, out)
+    ready_cluster(session, req.slots, replace(req.options, mixed=req.options.backend is None), out)
     if not req.model:
         model = f"{run_dir(req.run)}/final"
         _replicate_from_master(session, model, out)
@@ -327,11 +368,11 @@ def infer(
             node.spec.name,
         )
     result = f"{job}/results.jsonl"
-    chosen = plan_inference(session, req, model, out)
+    chosen, options = plan_inference(session, req, model, out)
     run_job(
         session, "deepfleet_node.infer",
         infer_args(req, model, f"{job}/prompts.jsonl", result, chosen.mode),
-        out, chosen.slots, secrets, req.options, checked=True,
+        out, chosen.slots, secrets, options, checked=True,
     )  # fmt: skip
     data = transfer.fetch_file(session.container(session.master), result, session.master)
     local = Path(req.output or f"outputs/{req.run}-{stamp}.jsonl")
@@ -356,12 +397,24 @@ def model_bytes(session: Session, model: str) -> int | None:
         return None
 
 
-def plan_inference(session: Session, req: InferRequest, model: str, out) -> inferplan.InferencePlan:
-    plan = job_plan(session, req.slots, req.options.backend)
+def plan_inference(
+    session: Session, req: InferRequest, model: str, out
+) -> tuple[inferplan.InferencePlan, RunOptions]:
+    """The mode and slots, and the run options that launch it: replicas run on every
+    machine whatever its accelerator (one gloo world); tp and zero on one backend group."""
+    reports = session.state.reports()
     size = model_bytes(session, model) if req.mode == "auto" else None
-    chosen = inferplan.choose(plan, session.state.reports(), size, req.mode)
+    options = req.options
+    if req.mode in ("auto", "replicas") and options.backend is None:
+        mixed = job_plan(session, req.slots, None, mixed=True)
+        chosen = inferplan.choose(mixed, reports, size, req.mode)
+        if chosen.mode == "replicas":
+            out.write(f"deepfleet: inference mode replicas: {chosen.reason}\n")
+            return chosen, replace(options, mixed=True)
+    plan = job_plan(session, req.slots, options.backend)
+    chosen = inferplan.choose(plan, reports, size, req.mode)
     out.write(f"deepfleet: inference mode {chosen.mode}: {chosen.reason}\n")
-    return chosen
+    return chosen, options
 
 
 def fetch_model(session: Session, run: str, dest: Path, out=sys.stdout) -> Path:

@@ -5,8 +5,10 @@
 
 --mode picks how the ranks started by the launcher share the work:
 
-  replicas  every rank loads a full copy of the model and takes prompts round-robin
-            (the default; throughput scales with ranks, each must fit the whole model)
+  replicas  every rank loads a full copy of the model and takes the next prompt from a
+            queue all ranks share, so a faster machine takes more (the default;
+            throughput scales with ranks, each must fit the whole model; the ranks may
+            sit on different accelerators, talking over gloo)
   tp        AutoTP tensor parallelism: each rank holds a slice of every layer and all
             ranks run every prompt in lock-step (for one node whose devices are too small)
   zero      ZeRO-3 inference: each rank holds 1/world of the weights and gathers each
@@ -30,6 +32,8 @@ from typing import Any
 from ._log import exit_after_success, say
 
 MODES = ("replicas", "tp", "zero")
+BACKEND_ENV = "DEEPFLEET_BACKEND"  # set by the operator's plan (plan.BACKENDS)
+QUEUE_KEY = "deepfleet/next-prompt"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -149,10 +153,17 @@ def init_distributed(mode: str, local_rank: int | None) -> tuple[int, int]:
             keep_shm_allreduce_off()
     else:
         acc.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(
-        dist_backend=acc.communication_backend_name(), timeout=process_group_timeout()
-    )
+    deepspeed.init_distributed(dist_backend=dist_backend(acc), timeout=process_group_timeout())
     return dist.get_rank(), dist.get_world_size()
+
+
+def dist_backend(acc) -> str:
+    """The accelerator's own backend, or gloo when the operator planned a world of
+    several accelerators (DEEPFLEET_BACKEND=gloo beside a GPU): NCCL cannot reach a CPU
+    rank, gloo reaches every rank through host memory."""
+    if os.environ.get(BACKEND_ENV) == "gloo":
+        return "gloo"
+    return acc.communication_backend_name()
 
 
 def uses_shm_allreduce(mode: str) -> bool:
@@ -452,11 +463,31 @@ def check_ranks_agree(rows: list[dict], rank: int, world: int) -> list[dict] | N
     return rows if rank == 0 else None
 
 
+def next_prompts(count: int, world: int):
+    """Prompt indices for this replica, taken one at a time from a counter every rank
+    shares (the process group's own store): a rank twice as fast takes twice as many, so
+    unlike machines finish together."""
+    if world == 1:
+        yield from range(count)
+        return
+    import torch.distributed as dist
+
+    store = dist.distributed_c10d._get_default_store()
+    while (index := store.add(QUEUE_KEY, 1) - 1) < count:
+        yield index
+
+
 def generate_rows(args, generator, device, tokenizer, prompts, rank, world) -> list[dict]:
-    """This rank's rows: round-robin for replicas and zero, every prompt for tp."""
+    """This rank's rows: taken from a shared queue for replicas, round-robin for zero
+    (its ranks must step together), every prompt for tp."""
     if args.mode == "tp":
         return [
             generate_one(generator, device, tokenizer, args, i, p) for i, p in enumerate(prompts)
+        ]
+    if args.mode == "replicas":
+        return [
+            generate_one(generator, device, tokenizer, args, i, prompts[i])
+            for i in next_prompts(len(prompts), world)
         ]
     mine = [(i, p) for i, p in enumerate(prompts) if i % world == rank]
     rows = [generate_one(generator, device, tokenizer, args, i, p) for i, p in mine]
