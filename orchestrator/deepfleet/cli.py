@@ -119,6 +119,7 @@ def _train_request(args) -> jobs.TrainRequest:
         epochs=args.epochs,
         global_batch=args.global_batch,
         balance=args.balance,
+        bridge=args.bridge,
         slots=_slots(args.slots),
         extra=args.extra,
         options=_run_options(args),
@@ -245,9 +246,11 @@ def cmd_train(args) -> int:
     if args.dry_run:
         state = store.load()
         session = cluster.Session(state, {})
-        plan = jobrun.job_plan(session, req.slots, req.options.backend)
+        options = jobs.train_options(req)
+        plan = jobrun.job_plan(session, req.slots, options.backend, options.mixed)
+        config = memfit.BRIDGE if req.bridge else req.config
         tp = trainplan.plan_training(
-            plan, state.reports(), None, req.config, req.seq_len, req.micro_batch, req.balance
+            plan, state.reports(), None, config, req.seq_len, req.micro_batch, req.balance
         )
         print(describe(plan))
         print(trainplan.describe(tp))
@@ -392,6 +395,10 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--save-every", type=int, default=0)
     tr.add_argument("--resume", action="store_true")
     _add_balance(tr)
+    tr.add_argument(
+        "--bridge", action="store_true",
+        help="one job over every machine's accelerator (NVIDIA, AMD, CPU), gradients over gloo",
+    )  # fmt: skip
     tr.add_argument("--dry-run", action="store_true", help="print the launcher command only")
     _add_run_options(tr)
     tr.add_argument("extra", nargs="*", help="passed to train.py after --")

@@ -55,6 +55,7 @@ class TrainRequest:
     epochs: float | None = None
     global_batch: int | None = None
     balance: str = "speed"  # micro-batch per rank by measured speed, or "even"
+    bridge: bool = False  # NVIDIA, AMD and CPU ranks in one data-parallel job over gloo
     slots: dict[str, int] = field(default_factory=dict)
     extra: list[str] = field(default_factory=list)
     options: RunOptions = field(default_factory=RunOptions)
@@ -95,10 +96,12 @@ def train_args(
     precision: str = "auto",
     config: str | None = None,
 ) -> list[str]:
+    if precision == "per-rank":  # a mixed world: each rank picks for its own device
+        precision = "auto"
     args = [
         "--model", model_path,
         "--data", data_path,
-        "--deepspeed-config", config or req.config,
+        *([] if req.bridge else ["--deepspeed-config", config or req.config]),
         "--output", run_dir(req.run),
         *(["--epochs", str(req.epochs)] if req.epochs else ["--steps", str(req.steps)]),
         "--seq-len", str(req.seq_len),
@@ -286,14 +289,24 @@ def model_shape(session: Session, model: str, env: dict[str, str] | None = None)
     return memfit.ModelShape.from_info(json.loads(output[0].decode()), name=name)
 
 
+def train_module(req: TrainRequest) -> str:
+    return "deepfleet_node.bridge" if req.bridge else "deepfleet_node.train"
+
+
+def train_options(req: TrainRequest) -> RunOptions:
+    # a bridge job's world spans every accelerator; the DeepSpeed engine needs one
+    return replace(req.options, mixed=True) if req.bridge else req.options
+
+
 def plan_train(session: Session, req: TrainRequest, model: str, out) -> trainplan.TrainPlan:
     """Memory fit and micro-batch per rank; a model that does not fit is refused here,
     naming the machine, before its weights are copied anywhere."""
-    shape = model_shape(session, model) if trainplan.memory_config(req.config) else None
-    plan = job_plan(session, req.slots, req.options.backend)
+    config = memfit.BRIDGE if req.bridge else req.config
+    shape = model_shape(session, model) if trainplan.memory_config(config) else None
+    options = train_options(req)
+    plan = job_plan(session, req.slots, options.backend, options.mixed)
     tp = trainplan.plan_training(
-        plan, session.state.reports(), shape, req.config, req.seq_len, req.micro_batch,
-        req.balance,
+        plan, session.state.reports(), shape, config, req.seq_len, req.micro_batch, req.balance,
     )  # fmt: skip
     out.write(trainplan.describe(tp) + "\n")
     return tp
@@ -302,7 +315,8 @@ def plan_train(session: Session, req: TrainRequest, model: str, out) -> trainpla
 def train(session: Session, req: TrainRequest, out=sys.stdout, environ=None) -> list[str]:
     secrets = secrets_from(environ if environ is not None else os.environ)
     check_inputs(req)
-    ready_cluster(session, req.slots, req.options, out)
+    options = train_options(req)
+    ready_cluster(session, req.slots, options, out)
     if req.model == DEMO or req.data == DEMO:
         _ensure_demo_assets(session, out)
     model = DEMO_MODEL if req.model == DEMO else req.model
@@ -316,7 +330,7 @@ def train(session: Session, req: TrainRequest, out=sys.stdout, environ=None) -> 
         data = _push_everywhere(session, req.data, DATA, out)
     args = train_args(req, model, data, tp.cluster.precision, tp.config)
     return run_job(
-        session, "deepfleet_node.train", args, out, req.slots, secrets, req.options, checked=True,
+        session, train_module(req), args, out, req.slots, secrets, options, checked=True,
     )  # fmt: skip
 
 
@@ -332,7 +346,7 @@ def train_dry_run(session_plan, req: TrainRequest, config: str | None = None) ->
     )
     data = f"{DEMO_DATA}/train.txt" if req.data == DEMO else _in_container_path(req.data, DATA)
     args = train_args(req, model, data, session_plan.precision, config)
-    return launch.launch_spec(session_plan, "deepfleet_node.train", args).shell()
+    return launch.launch_spec(session_plan, train_module(req), args).shell()
 
 
 def _prompt_records(req: InferRequest) -> bytes:

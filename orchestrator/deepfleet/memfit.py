@@ -29,7 +29,9 @@ GPU_CONTEXT = int(0.8 * GIB)
 # CONFIG=auto tries these, cheapest (least communication) first. zero1 holds more than
 # zero2 and runs no faster, so auto never needs it.
 AUTO_ORDER = ("zero2", "zero3", "zero3-offload")
-CONFIGS = ("zero1", "zero2", "zero3", "zero3-offload")
+# "bridge": deepfleet's own data parallel over gloo for mixed devices (no ZeRO partitioning)
+BRIDGE = "bridge"
+CONFIGS = ("zero1", "zero2", "zero3", "zero3-offload", BRIDGE)
 
 
 @dataclass(frozen=True)
@@ -144,6 +146,10 @@ def model_states(
     every rank first, which is DeepSpeed's host-side figure.
     """
     p, nodes = shape.params, world / slots
+    if config == BRIDGE:
+        # every rank: fp32 weights, fp32 gradients and Adam's two moments (16 bytes per
+        # parameter, nothing partitioned), after loading the whole model on the host
+        return StateNeed(16 * p, int(p * 4 * slots * BUFFER_FACTOR))
     if config in ("zero1", "zero2"):
         host, device = estimate_zero2_model_states_mem_needs(
             p, slots, nodes, cpu_offload=False, additional_buffer_factor=BUFFER_FACTOR

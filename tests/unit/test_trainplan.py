@@ -210,3 +210,14 @@ def test_a_mixed_world_keeps_every_accelerator_and_talks_over_gloo():
     chosen = inferplan.choose(mixed, reports, 250_000_000, "auto")
     assert chosen.mode == "replicas" and chosen.slots == {"dgx": 8, "amd": 4, "desk": 1,
                                                            "laptop": 1}  # fmt: skip
+
+
+def test_bridge_needs_the_whole_model_states_on_every_rank():
+    reports = {"gpu": cuda_machine(nvidia(0, "NVIDIA GeForce RTX 4090", 24 * GIB, "8.9")),
+               "cpu": rep(cpu_count=8, memory_bytes=32 * GIB)}  # fmt: skip
+    ranks = [memfit.Rank("gpu", 1, "cuda"), memfit.Rank("cpu", 1, "cpu")]
+    verdict = memfit.machine_fits(SMALL, memfit.BRIDGE, ranks, reports, 256, 2, "fp32")
+    gpu = verdict.devices[0]
+    assert gpu.where == "GPU 0" and gpu.need > 16 * SMALL.params and verdict.fits
+    with pytest.raises(PlanError, match="does not fit with bridge"):
+        memfit.check(LLAMA2_7B, memfit.BRIDGE, ranks, reports, 256, 1, "fp32")
