@@ -8,7 +8,16 @@ import sys
 from pathlib import Path
 
 import pytest
-from nodetools import NEW_TOKENS, NODE_DIR, PROMPTS, TRAIN_ARGS, run_module
+from nodetools import (
+    NEW_TOKENS,
+    NODE_DIR,
+    PROMPTS,
+    TRAIN_ARGS,
+    instruction_data,
+    pair_args,
+    run_module,
+    run_ranks,
+)
 
 if NODE_DIR.is_dir():  # a checkout; inside the node image the package is installed
     sys.path.insert(0, str(NODE_DIR))
@@ -52,6 +61,21 @@ def zero2_run(tmp_path_factory, tiny_model, train_text) -> tuple[Path, str]:
         "--save-every", "20", *TRAIN_ARGS,
     )  # fmt: skip
     return out, log
+
+
+@pytest.fixture(scope="session")
+def mixed_data(tmp_path_factory, train_text) -> Path:
+    return instruction_data(tmp_path_factory.mktemp("mixed") / "data", train_text)
+
+
+@pytest.fixture(scope="session")
+def even_pair_run(tmp_path_factory, tiny_model, mixed_data) -> tuple[Path, list[str]]:
+    """Two ZeRO-2 ranks over gloo with an explicit even split (PAIR_ARGS): what uneven
+    splits, speed balancing and the bridge must reproduce step by step."""
+    pytest.importorskip("deepspeed")
+    out = tmp_path_factory.mktemp("even-pair") / "run"
+    logs = run_ranks("train", 2, *pair_args(tiny_model, mixed_data, out), "--shares", "2,2")
+    return out, logs
 
 
 @pytest.fixture(scope="session")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -90,7 +91,41 @@ def run_ranks(module: str, world: int, *args: str, node_dirs=None) -> list[str]:
     return outputs
 
 
+# A progress line of train.py (and the bridge), printed by global rank 0.
+LOG_LINE = re.compile(
+    r"^step (\d+)/(\d+) loss (\d+\.\d{4}) lr (\S+) tok/s (\d+) samples/s (\d+\.\d) "
+    r"step_time (\d+\.\d\d)s eta (\d+)s$",
+    re.M,
+)
+
+
+def logged(log) -> dict[int, float]:
+    """{step: loss} from the rank-0 progress lines."""
+    return {int(m[1]): float(m[3]) for m in LOG_LINE.finditer(log)}
+
+
 TRAIN_ARGS = ("--seq-len", "64", "--micro-batch", "4", "--lr", "3e-3", "--warmup-steps", "5")
+
+# Two ranks, two micro-steps per optimizer step, a global micro-batch of 4: short runs
+# that runs with other splits (and the bridge) must reproduce step by step. DeepSpeed's
+# warmup leaves the lr at 0 for the first two steps, so five steps give three updates.
+PAIR_ARGS = ("--steps", "5", "--log-every", "1", "--seq-len", "64", "--micro-batch", "2",
+             "--grad-accum", "2", "--lr", "3e-3", "--warmup-steps", "2")  # fmt: skip
+
+
+def pair_args(model, data, out) -> tuple:
+    return ("--model", model, "--data", data, "--output", out, *PAIR_ARGS)
+
+
+def instruction_data(directory, train_text):
+    """Plain text plus prompt/completion rows: blocks with unlike numbers of labelled
+    tokens, so a loss averaged per sample differs from one averaged per token."""
+    directory.mkdir()
+    (directory / "notes.txt").write_text(Path(train_text).read_text())
+    rows = [{"prompt": f"Which boat is {c}? ", "completion": f"The {c} boat."}
+            for c in ("red", "green", "white") * 10]  # fmt: skip
+    (directory / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return directory
 
 
 def run_launcher(module: str, procs: int, *args: str, port: int | None = None) -> str:

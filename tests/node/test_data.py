@@ -100,6 +100,65 @@ def test_batch_stream_covers_each_rank_shard_once_per_epoch():
     assert not seen[0] & seen[1]
 
 
+def numbered_blocks(n):
+    """n one-token-wide blocks whose input_ids say which block they are."""
+    return data.pack([(list(range(n)), list(range(n)))], 1, pad_id=0)
+
+
+def rows_of(stream, i):
+    return stream.batch(i)["input_ids"][:, 0].tolist()
+
+
+@pytest.mark.parametrize("shares", [[3, 1], [1, 3], [2, 2]])
+def test_any_split_covers_the_same_global_micro_batch(shares):
+    n, world, micro = 37, 2, 2
+    packed = numbered_blocks(n)
+    even = [data.BatchStream(packed, r, world, micro, seed=4) for r in range(world)]
+    split = [data.BatchStream(packed, r, world, micro, seed=4, shares=shares) for r in range(world)]
+    assert split[0].per_epoch == n // (micro * world) == 9
+    for i in range(2 * split[0].per_epoch + 3):  # across two epoch boundaries
+        parts = [rows_of(s, i) for s in split]
+        assert [len(p) for p in parts] == shares
+        # contiguous slices, in rank order, of one global micro-batch
+        assert parts[0] + parts[1] == split[0].global_indices(i)
+        assert sorted(parts[0] + parts[1]) == sorted(rows_of(even[0], i) + rows_of(even[1], i))
+
+
+def test_even_split_matches_shard_indices():
+    n, world, micro = 40, 2, 4
+    packed = numbered_blocks(n)
+    for rank in range(world):
+        stream = data.BatchStream(packed, rank, world, micro, seed=3)
+        rows = [row for i in range(stream.per_epoch) for row in rows_of(stream, i)]
+        assert rows == data.shard_indices(n, rank, world, seed=3, epoch=0, micro_batch=micro)
+
+
+def test_resplitting_mid_run_keeps_the_global_data():
+    """A rebalance, or a resume with other shares, trains on the same samples per step."""
+    packed = numbered_blocks(30)
+    fixed = [data.BatchStream(packed, r, 3, 2, seed=9, shares=[4, 1, 1]) for r in range(3)]
+    moved = [data.BatchStream(packed, r, 3, 2, seed=9) for r in range(3)]
+    for i in range(12):
+        if i == 5:
+            for s in moved:
+                s.set_shares([1, 2, 3])
+        assert sorted(sum((rows_of(s, i) for s in moved), [])) == sorted(
+            sum((rows_of(s, i) for s in fixed), [])
+        )
+    assert [len(rows_of(s, 6)) for s in moved] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("shares", [[3, 2], [4, 0], [4], [2, 1, 1]])
+def test_bad_shares_are_rejected(shares):
+    with pytest.raises(ValueError):
+        data.BatchStream(numbered_blocks(20), 0, 2, 2, seed=0, shares=shares)
+
+
+def test_too_little_data_for_the_global_micro_batch_is_an_error():
+    with pytest.raises(ValueError, match="global micro-batch of 8"):
+        data.BatchStream(numbered_blocks(7), 0, 2, 4, seed=0)
+
+
 def test_load_examples_from_files_and_dirs(tmp_path):
     (tmp_path / "b.txt").write_text("plain text")
     write_jsonl(tmp_path / "a.jsonl", [{"text": "t"}, {"prompt": "p", "completion": "c"}])

@@ -17,8 +17,9 @@ from nodetools import SUBPROCESS_TIMEOUT_S, node_env  # noqa: E402
 
 from deepfleet_node import modelinfo  # noqa: E402
 
-KEYS = {"model_type", "params", "largest_layer_params", "bytes_per_param", "weights_bytes", "layers", "hidden_size",
-        "heads", "kv_heads", "head_dim", "vocab_size", "max_positions"}  # fmt: skip
+KEYS = {"model_type", "params", "largest_layer_params", "bytes_per_param", "weights_bytes",
+        "layers", "hidden_size", "heads", "kv_heads", "head_dim", "vocab_size",
+        "max_positions"}  # fmt: skip
 
 LLAMA2_7B = dict(
     hidden_size=4096,

@@ -13,23 +13,22 @@ torch = pytest.importorskip("torch")
 pytest.importorskip("deepspeed")
 pytest.importorskip("transformers")
 
-from nodetools import TRAIN_ARGS, run_module, run_ranks  # noqa: E402
-
-LOG_LINE = re.compile(
-    r"^step (\d+)/(\d+) loss (\d+\.\d{4}) lr (\S+) tok/s (\d+) samples/s (\d+\.\d) "
-    r"step_time (\d+\.\d\d)s eta (\d+)s$",
-    re.M,
+from nodetools import (  # noqa: E402
+    LOG_LINE,
+    TRAIN_ARGS,
+    instruction_data,
+    logged,
+    run_module,
+    run_ranks,
 )
-METRIC_KEYS = {"step", "loss", "lr", "tokens_per_s", "samples_per_s", "step_time_s", "eta_s"}
+
+METRIC_KEYS = {
+    "step", "loss", "lr", "tokens_per_s", "samples_per_s", "step_time_s", "eta_s", "micro_batches"
+}  # fmt: skip
 
 
 def metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
-def logged(log):
-    """{step: loss} from the rank-0 progress lines."""
-    return {int(m[1]): float(m[3]) for m in LOG_LINE.finditer(log)}
 
 
 def block_loss(model_dir, train_text, n_tokens=256):
@@ -48,6 +47,8 @@ def test_zero2_training_lowers_loss(zero2_run, tiny_model, train_text):
     rows = metrics(out)
     assert [r["step"] for r in rows] == list(range(5, 41, 5))
     assert all(set(r) == METRIC_KEYS for r in rows)
+    assert all(r["micro_batches"] == [4] for r in rows)
+    assert "balance: micro-batch per rank 4 (even split)" in log
     assert rows[-1]["loss"] < rows[0]["loss"] - 1.0, rows
     assert logged(log) == {r["step"]: pytest.approx(r["loss"], abs=1e-4) for r in rows}
     assert all(m[2] == "40" for m in LOG_LINE.finditer(log))
@@ -118,15 +119,6 @@ def test_zero3_with_activation_checkpointing_exports_gathered_weights(
     assert block_loss(tmp_path / "final", train_text) < block_loss(tiny_model, train_text) - 0.3
 
 
-def instruction_data(directory, train_text):
-    directory.mkdir()
-    (directory / "notes.txt").write_text(train_text.read_text())
-    rows = [{"prompt": f"Which boat is {c}? ", "completion": f"The {c} boat."}
-            for c in ("red", "green", "white") * 10]  # fmt: skip
-    (directory / "qa.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return directory
-
-
 def test_two_ranks_zero3_over_gloo(tmp_path, tiny_model, train_text):
     data_dir = instruction_data(tmp_path / "data", train_text)
     out = tmp_path / "run"
@@ -134,8 +126,11 @@ def test_two_ranks_zero3_over_gloo(tmp_path, tiny_model, train_text):
         "train", 2, "--model", tiny_model, "--data", data_dir, "--output", out,
         "--deepspeed-config", "zero3", "--steps", "6", "--log-every", "3",
         "--seq-len", "64", "--micro-batch", "2", "--global-batch", "8", "--lr", "3e-3",
+        "--shares", "3,1",  # uneven micro-batches under ZeRO-3's per-layer gathers
     )  # fmt: skip
     assert "world 2, micro-batch 2, grad-accum 2, global batch 8" in logs[0]
+    assert "balance: micro-batch per rank 3/1 (from --shares)" in logs[0]
+    assert [r["micro_batches"] for r in metrics(out)] == [[3, 1], [3, 1]]
     assert "shared checkpoint storage" in logs[0]
     assert sorted(logged(logs[0])) == [3, 6]
     assert not logged(logs[1])  # only global rank 0 reports

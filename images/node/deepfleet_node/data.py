@@ -1,8 +1,9 @@
 """Training data: load text/instruction examples, tokenize once, pack, shard by rank.
 
-Batches are a pure function of (micro-batch number, rank, world size, seed), so a resumed
-run lands on exactly the data it would have seen without the interruption, with no
-sampler state to checkpoint.
+Batches are a pure function of (micro-batch number, rank, shares, seed), and what the job
+as a whole trains on at each micro-step depends on (micro-batch number, global micro-batch
+size, seed) alone, so a resumed run lands on exactly the data it would have seen without
+the interruption, however its ranks split it, with no sampler state to checkpoint.
 """
 
 from __future__ import annotations
@@ -219,45 +220,110 @@ def stack_blocks(rows: Sequence[dict[str, Any]], seq_len: int, pad_id: int) -> P
 # ---------------------------------------------------------------- sharding
 
 
-def shard_indices(n: int, rank: int, world: int, seed: int, epoch: int = 0) -> list[int]:
-    """This rank's block indices for one epoch, like DistributedSampler(drop_last=True).
-
-    Every rank draws the same seeded permutation and takes a strided slice of an
-    equal-length prefix, so shards are disjoint and equally sized (no rank waits on a
-    collective the others never join).
-    """
-    if n < world:
-        raise ValueError(f"{n} blocks cannot be split over {world} ranks; lower --seq-len")
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """One seeded permutation of the n blocks per epoch, the same on every rank."""
     generator = torch.Generator().manual_seed(seed + epoch)
-    order = torch.randperm(n, generator=generator).tolist()
-    usable = (n // world) * world
-    return order[:usable][rank::world]
+    return torch.randperm(n, generator=generator).tolist()
+
+
+def offsets(shares: Sequence[int]) -> list[int]:
+    """Where each rank's slice of a global micro-batch starts."""
+    starts, at = [], 0
+    for share in shares:
+        starts.append(at)
+        at += share
+    return starts
+
+
+def shard_indices(
+    n: int, rank: int, world: int, seed: int, epoch: int = 0, micro_batch: int = 1
+) -> list[int]:
+    """This rank's block indices for one epoch under an even split, micro-step by micro-step.
+
+    Micro-step j of an epoch trains on the global micro-batch order[j*B:(j+1)*B] with
+    B = micro_batch x world; rank r takes the r-th contiguous slice of micro_batch blocks.
+    Shards are disjoint and equally sized; the tail of the permutation that fills no whole
+    global micro-batch is left out this epoch.
+    """
+    global_batch = micro_batch * world
+    if n < global_batch:
+        raise ValueError(
+            f"{n} blocks cannot fill a global micro-batch of {global_batch} "
+            f"({micro_batch} x {world} ranks); lower --seq-len or --micro-batch"
+        )
+    order = epoch_order(n, seed, epoch)
+    start = rank * micro_batch
+    return [
+        i
+        for j in range(n // global_batch)
+        for i in order[j * global_batch + start : j * global_batch + start + micro_batch]
+    ]
 
 
 class BatchStream:
-    """Micro-batch number i -> the batch this rank trains on, across epoch boundaries."""
+    """Micro-batch number i -> the batch this rank trains on, across epoch boundaries.
 
-    def __init__(self, data: PackedDataset, rank: int, world: int, micro_batch: int, seed: int):
+    Micro-step i trains on one global micro-batch of micro_batch x world blocks, the same
+    whatever the split; rank r takes the contiguous slice shares[r] of it. Shares can
+    change between micro-steps (rebalancing) without changing what the job as a whole
+    trains on, and a resumed run sees the same global data whatever its shares are.
+    """
+
+    def __init__(
+        self,
+        data: PackedDataset,
+        rank: int,
+        world: int,
+        micro_batch: int,
+        seed: int,
+        shares: Sequence[int] | None = None,
+    ):
         self.data = data
         self.rank = rank
         self.world = world
         self.micro_batch = micro_batch
         self.seed = seed
-        self.per_epoch = (len(data) // world) // micro_batch
+        self.global_batch = micro_batch * world
+        self.per_epoch = len(data) // self.global_batch
         if self.per_epoch == 0:
             raise ValueError(
-                f"{len(data)} blocks over {world} ranks leave no full micro-batch of "
-                f"{micro_batch}; lower --micro-batch or --seq-len, or add data"
+                f"{len(data)} blocks leave no full global micro-batch of {self.global_batch} "
+                f"(micro-batch {micro_batch} x {world} ranks); lower --micro-batch or "
+                "--seq-len, or add data"
             )
         self._epoch = -1
         self._order: list[int] = []
+        self.set_shares(shares or [micro_batch] * world)
 
-    def batch(self, i: int) -> dict[str, torch.Tensor]:
+    def set_shares(self, shares: Sequence[int]) -> None:
+        shares = [int(n) for n in shares]
+        if len(shares) != self.world or any(n < 1 for n in shares):
+            raise ValueError(f"need one share >= 1 per rank for {self.world} ranks, got {shares}")
+        if sum(shares) != self.global_batch:
+            raise ValueError(
+                f"shares {shares} sum to {sum(shares)}, not the global micro-batch "
+                f"{self.global_batch}"
+            )
+        self.shares = shares
+        self._start = offsets(shares)[self.rank]
+
+    @property
+    def share(self) -> int:
+        return self.shares[self.rank]
+
+    def global_indices(self, i: int) -> list[int]:
+        """The block indices the whole job trains on at micro-step i."""
         epoch, j = divmod(i, self.per_epoch)
         if epoch != self._epoch:
-            self._order = shard_indices(len(self.data), self.rank, self.world, self.seed, epoch)
+            self._order = epoch_order(len(self.data), self.seed, epoch)
             self._epoch = epoch
-        index = torch.tensor(self._order[j * self.micro_batch : (j + 1) * self.micro_batch])
+        return self._order[j * self.global_batch : (j + 1) * self.global_batch]
+
+    def indices(self, i: int) -> list[int]:
+        return self.global_indices(i)[self._start : self._start + self.share]
+
+    def batch(self, i: int) -> dict[str, torch.Tensor]:
+        index = torch.tensor(self.indices(i), dtype=torch.long)
         return {
             "input_ids": self.data.input_ids[index],
             "labels": self.data.labels[index],

@@ -2,12 +2,12 @@
 
     python -m deepfleet_node.modelinfo --model DIR_or_hub_name
 
-prints one JSON object: model_type, params, largest_layer_params, bytes_per_param, weights_bytes, layers,
-hidden_size, heads, kv_heads, head_dim, vocab_size, max_positions. The parameter count
-comes from building the model on PyTorch's meta device, where tensors have shapes but no
-storage, so a 70B config takes well under a second and a few hundred MB of RAM (mostly
-the imports). inference_memory_bytes() turns that into a per-model memory estimate for
-deciding between infer's replicas, tp and zero modes.
+prints one JSON object: model_type, params, largest_layer_params, bytes_per_param,
+weights_bytes, layers, hidden_size, heads, kv_heads, head_dim, vocab_size, max_positions.
+The parameter count comes from building the model on PyTorch's meta device, where
+tensors have shapes but no storage, so a 70B config takes well under a second and a few
+hundred MB of RAM (mostly the imports). inference_memory_bytes() turns that into a
+per-model memory estimate for deciding between infer's replicas, tp and zero modes.
 """
 
 from __future__ import annotations

@@ -19,12 +19,12 @@ import secrets
 import socket
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import heartbeat
+from . import balance, heartbeat
 from ._log import exit_after_success, say
 from .netif import pin_socket_interfaces
 
@@ -32,6 +32,7 @@ PG_TIMEOUT_ENV = "DEEPFLEET_PG_TIMEOUT"
 DEFAULT_PG_TIMEOUT_S = 600
 CONFIG_NAMES = ("zero1", "zero2", "zero3", "zero3-offload")
 WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
+BALANCES = ("even", "speed")
 
 
 # ---------------------------------------------------------------- arguments
@@ -57,7 +58,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     length.add_argument("--steps", type=int, help="optimizer steps (default 100)")
     length.add_argument("--epochs", type=float, help="passes over this rank's shard")
     p.add_argument("--seq-len", type=int, default=128)
-    p.add_argument("--micro-batch", type=int, default=4, help="sequences per rank per micro-step")
+    p.add_argument(
+        "--micro-batch",
+        type=int,
+        default=4,
+        help="sequences per rank per micro-step, on average: the global micro-batch is this x "
+        "world size, split over the ranks by --balance / --shares",
+    )
     p.add_argument("--global-batch", type=int, help="sets gradient accumulation from world size")
     p.add_argument("--grad-accum", type=int, default=1, help="used when --global-batch is unset")
     p.add_argument("--lr", type=float, default=3e-4)
@@ -70,6 +77,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoints/latest")
     p.add_argument("--activation-checkpointing", action="store_true")
+    p.add_argument(
+        "--balance",
+        choices=BALANCES,
+        default="even",
+        help="even: every rank takes --micro-batch samples per micro-step; speed: each rank's "
+        "share of the global micro-batch follows its measured speed",
+    )
+    p.add_argument(
+        "--shares",
+        type=shares_arg,
+        metavar="N,N,...",
+        help="samples per micro-step for each rank, summing to --micro-batch x world size; "
+        "fixed for the whole run (no calibration, no rebalancing)",
+    )
+    p.add_argument(
+        "--max-micro",
+        type=shares_arg,
+        metavar="N,N,...",
+        help="with --balance speed: the largest micro-batch each rank's memory holds (the "
+        "operator's memory fit); a faster rank never takes more",
+    )
+    p.add_argument(
+        "--rebalance-after",
+        type=int,
+        default=3,
+        metavar="STEPS",
+        help="with --balance speed: re-split once from the first STEPS steps' forward "
+        "timings (0: never)",
+    )
     p.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto")
     p.add_argument("--verbose", action="store_true", help="keep DeepSpeed's INFO logging")
     # The DeepSpeed launcher appends --local_rank=N; LOCAL_RANK in the env says the same.
@@ -79,7 +115,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --data or --prepare-dataset")
     if args.steps is None and args.epochs is None:
         args.steps = 100
+    if args.rebalance_after < 0:
+        p.error("--rebalance-after must be >= 0")
     return args
+
+
+def shares_arg(text: str) -> list[int]:
+    try:
+        return balance.parse_shares(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 # ---------------------------------------------------------------- distributed
@@ -276,6 +321,9 @@ def load_model(args, ds_config: dict, precision: str):
         keep_alive = zero3_loading(ds_config)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     model = AutoModelForCausalLM.from_pretrained(args.model, dtype=dtype)
+    # from_pretrained leaves the model in eval mode and DeepSpeed does not change it; in
+    # eval mode HF skips activation checkpointing (and dropout) altogether.
+    model.train()
     if args.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
@@ -312,6 +360,213 @@ def total_steps(args, batches_per_epoch: int, ga: int) -> int:
     return max(1, math.ceil(args.epochs * batches_per_epoch / ga))
 
 
+# ---------------------------------------------------------------- loss
+
+
+def valid_targets(labels) -> int:
+    """How many tokens a causal-LM loss counts in a batch: the labels after HF's one-token
+    shift (position t predicts label t+1) that are not IGNORE_INDEX."""
+    from .data import IGNORE_INDEX
+
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def token_loss_sum(logits, labels):
+    """Summed next-token cross-entropy over the valid targets.
+
+    Exactly HF's ForCausalLMLoss with reduction "sum" (float logits, labels padded by one
+    and shifted), i.e. the model's own `.loss` times valid_targets(labels), except that
+    a batch with no valid target gives 0 rather than HF's 0/0 = nan.
+    """
+    import torch.nn.functional as F
+
+    from .data import IGNORE_INDEX
+
+    shifted = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:].contiguous()
+    return F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]),
+        shifted.reshape(-1).to(logits.device),
+        ignore_index=IGNORE_INDEX,
+        reduction="sum",
+    )
+
+
+def weighted_loss(loss_sum, world: int, ga: int, step_targets: int):
+    """What one micro-step hands to engine.backward.
+
+    DeepSpeed divides the loss by ga and averages gradients over the ranks, so the
+    gradient of the optimizer step is sum over ranks and micro-steps of loss_sum divided by
+    step_targets, the valid targets of the whole global step: the token mean over the
+    global batch, however many samples each rank took.
+    """
+    return loss_sum * (world * ga / max(step_targets, 1))
+
+
+def all_reduce_sum(value: int, device) -> int:
+    import torch
+    import torch.distributed as dist
+
+    total = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.all_reduce(total)
+    return int(total.item())
+
+
+# ---------------------------------------------------------------- balancing
+
+
+def synchronize(device) -> None:
+    """Wait for the device's queued work, so a wall-clock timer measures it."""
+    import torch
+
+    if torch.device(device).type != "cpu":
+        torch.accelerator.synchronize(device)
+
+
+def gather_floats(value: float, device) -> list[float]:
+    """value from every rank, in rank order, the same list on every rank."""
+    import torch
+    import torch.distributed as dist
+
+    mine = torch.tensor([value], dtype=torch.float64, device=device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    return [t.item() for t in every]
+
+
+def model_inputs(batch: dict, device) -> dict:
+    return {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
+
+
+def calibrate(forward, model, batch: dict, device) -> float:
+    """Seconds per sample of forward + backward on this rank: one untimed warm-up pass,
+    then the faster of two timed ones (noise only ever adds time). forward(**inputs)
+    returns logits; the gradients are dropped afterwards."""
+    inputs, labels = model_inputs(batch, device), batch["labels"].to(device)
+    times = []
+    for attempt in range(3):
+        synchronize(device)
+        began = time.perf_counter()
+        token_loss_sum(forward(**inputs), labels).backward()
+        synchronize(device)
+        if attempt:
+            times.append(time.perf_counter() - began)
+    model.zero_grad(set_to_none=True)
+    return min(times) / labels.shape[0]
+
+
+PROBE_TOKENS = 1024
+PROBE_MAX_WEIGHTS = 64 * 2**20  # elements of the probe's weight matrix
+
+
+def probe_seconds(config, dtype, device) -> float:
+    """Seconds per token of one MLP-sized matmul forward + backward on this rank.
+
+    For ZeRO-3, whose forward gathers every layer's weights from all ranks, so that timing
+    it measures the slowest rank and the network rather than this rank. The matmul is the
+    bulk of a transformer's compute; only the ratio between ranks is used.
+    """
+    import torch
+
+    hidden = next(
+        (getattr(config, k) for k in ("hidden_size", "n_embd", "d_model") if hasattr(config, k)),
+        1024,
+    )
+    inner = next(
+        (getattr(config, k) for k in ("intermediate_size", "n_inner", "ffn_dim")
+         if getattr(config, k, None)),
+        4 * hidden,
+    )  # fmt: skip
+    inner = max(1, min(inner, PROBE_MAX_WEIGHTS // hidden))
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(PROBE_TOKENS, hidden, generator=generator).to(device, dtype)
+    w = (torch.randn(hidden, inner, generator=generator) / hidden**0.5).to(device, dtype)
+    x.requires_grad_(True)
+    w.requires_grad_(True)
+    times = []
+    for attempt in range(3):
+        synchronize(device)
+        began = time.perf_counter()
+        (x @ w).float().square().mean().backward()
+        synchronize(device)
+        if attempt:
+            times.append(time.perf_counter() - began)
+    return min(times) / PROBE_TOKENS
+
+
+@dataclass
+class Balancer:
+    """The forward timings that may re-split the global micro-batch once, at rebalance_at
+    (an optimizer step count; None: never)."""
+
+    rebalance_at: int | None = None
+    first: int = 0  # the first timed step
+    seconds: float = 0.0
+    samples: int = 0
+
+    def timing(self, step: int) -> bool:
+        return self.rebalance_at is not None and step < self.rebalance_at
+
+    def add(self, seconds: float, samples: int) -> None:
+        self.seconds += seconds
+        self.samples += samples
+
+
+def initial_shares(args, world: int, stage: int, measure, device) -> tuple[list[int], str]:
+    """(shares, the balance line) at start, the same on every rank.
+
+    measure() gives this rank's seconds per sample (calibration or, for ZeRO-3, the
+    probe); every rank runs it or none does, and the shares come from the all-gathered
+    figures.
+    """
+    total = args.micro_batch * world
+    if args.shares is not None:
+        return args.shares, balance.describe(args.shares, None, "from --shares")
+    nominal = balance.even_shares(args.micro_batch, world)
+    if args.balance == "even" or world == 1:
+        return nominal, balance.describe(nominal, None, "even split")
+    import torch.distributed as dist
+
+    dist.barrier()  # ranks that share a machine time themselves together, as they train
+    seconds = gather_floats(measure(), device)
+    speeds = balance.speeds_from_seconds(seconds)
+    shares = balance.shares_from_speeds(speeds, total, args.max_micro)
+    source = "from a matmul probe (ZeRO-3)" if stage == 3 else "from calibration"
+    return shares, balance.describe(shares, speeds, source)
+
+
+def make_balancer(args, world: int, stage: int, start: int, total: int) -> Balancer:
+    """Time the first --rebalance-after steps when they may change the split: balance=speed,
+    no --shares, ZeRO 0-2 (ZeRO-3's forward waits on every rank at each layer, so its
+    timings cannot tell ranks apart) and steps left after the decision."""
+    at = start + args.rebalance_after
+    if (
+        args.balance != "speed"
+        or args.shares is not None
+        or world == 1
+        or stage == 3
+        or args.rebalance_after == 0
+        or at >= total
+    ):
+        return Balancer()
+    return Balancer(rebalance_at=at, first=start)
+
+
+def rebalance(run: Run, done: int) -> None:
+    """Re-split from the all-gathered forward timings; every rank decides alike."""
+    b = run.balancer
+    seconds = gather_floats(b.seconds / max(b.samples, 1), run.comm_device)
+    speeds = balance.speeds_from_seconds(seconds)
+    proposed = balance.shares_from_speeds(speeds, run.stream.global_batch, run.args.max_micro)
+    source = f"from the forward passes of steps {b.first + 1}-{done}"
+    if balance.worth_rebalancing(run.stream.shares, proposed, seconds):
+        run.stream.set_shares(proposed)
+        say(balance.describe(proposed, speeds, source))
+    else:
+        gain = round(balance.REBALANCE_GAIN * 100)
+        say(balance.describe(run.stream.shares, speeds, f"{source}; kept: no split {gain}% faster"))
+    run.balancer = Balancer()
+
+
 # ---------------------------------------------------------------- metrics
 
 
@@ -319,38 +574,41 @@ def total_steps(args, batches_per_epoch: int, ga: int) -> int:
 class Window:
     """What happened since the last log line; reduced over ranks only when logging."""
 
-    loss_sum: Any = 0.0
-    micro_steps: int = 0
+    loss_sum: Any = 0.0  # summed token losses on this rank
+    targets: int = 0  # the valid targets they are summed over
     tokens: int = 0
     samples: int = 0
     steps: int = 0
     seconds: float = 0.0
 
-    def add_micro(self, loss, batch) -> None:
-        self.loss_sum = self.loss_sum + loss.detach().float()
-        self.micro_steps += 1
+    def add_micro(self, loss_sum, targets: int, batch) -> None:
+        self.loss_sum = self.loss_sum + loss_sum.detach().float()
+        self.targets += targets
         self.tokens += int(batch["attention_mask"].sum())
         self.samples += int(batch["input_ids"].shape[0])
 
     def reduce(self, device) -> tuple[float, int, int]:
-        """(mean loss, global tokens, global samples) over every rank."""
+        """(token-mean loss, global tokens, global samples) over every rank."""
         import torch
         import torch.distributed as dist
 
         totals = torch.stack(
             [
-                torch.as_tensor(self.loss_sum, dtype=torch.float64, device=device),
-                torch.tensor(float(self.micro_steps), dtype=torch.float64, device=device),
+                torch.as_tensor(self.loss_sum, dtype=torch.float64).to(device),
+                torch.tensor(float(self.targets), dtype=torch.float64, device=device),
                 torch.tensor(float(self.tokens), dtype=torch.float64, device=device),
                 torch.tensor(float(self.samples), dtype=torch.float64, device=device),
             ]
         )
         dist.all_reduce(totals)
-        loss, micro, tokens, samples = totals.tolist()
-        return loss / micro, int(tokens), int(samples)
+        loss_sum, targets, tokens, samples = totals.tolist()
+        loss = loss_sum / targets if targets else float("nan")
+        return loss, int(tokens), int(samples)
 
 
-def metrics_record(step: int, lr: float, window: Window, reduced, remaining: int) -> dict:
+def metrics_record(
+    step: int, lr: float, window: Window, reduced, remaining: int, shares: list[int]
+) -> dict:
     loss, tokens, samples = reduced
     step_time = window.seconds / max(window.steps, 1)
     seconds = max(window.seconds, 1e-9)
@@ -362,6 +620,7 @@ def metrics_record(step: int, lr: float, window: Window, reduced, remaining: int
         "samples_per_s": samples / seconds,
         "step_time_s": step_time,
         "eta_s": step_time * remaining,
+        "micro_batches": list(shares),  # samples per rank per micro-step, by global rank
     }
 
 
@@ -470,8 +729,15 @@ class Run:
     args: argparse.Namespace
     ga: int
     total: int
-    device: Any
+    device: Any  # where the model computes
     out: Path
+    world: int = 1
+    comm_device: Any = None  # where collectives' tensors live (the device unless set)
+    balancer: Balancer = field(default_factory=Balancer)
+
+    def __post_init__(self):
+        if self.comm_device is None:
+            self.comm_device = self.device
 
     @property
     def ckpt_dir(self) -> Path:
@@ -479,14 +745,29 @@ class Run:
 
 
 def train_step(run: Run, step: int, window: Window) -> None:
+    """One optimizer step: every rank the same ga micro-steps, each on its share.
+
+    The whole step's batches are known up front (a pure function of the step), so one
+    all-reduce of the valid-target count gives every rank the loss weight first.
+    """
     engine = run.engine
-    for micro in range(run.ga):
-        batch = run.stream.batch(step * run.ga + micro)
-        loss = engine(**{k: v.to(run.device) for k, v in batch.items()}).loss
-        engine.backward(loss)
+    batches = [run.stream.batch(step * run.ga + micro) for micro in range(run.ga)]
+    targets = [valid_targets(b["labels"]) for b in batches]
+    step_targets = all_reduce_sum(sum(targets), run.comm_device)
+    timed = run.balancer.timing(step)
+    for batch, count in zip(batches, targets, strict=True):
+        inputs, labels = model_inputs(batch, run.device), batch["labels"].to(run.device)
+        if timed:  # the forward holds no collective under ZeRO 0-2: this rank's own speed
+            synchronize(run.device)
+            began = time.perf_counter()
+        loss_sum = token_loss_sum(engine(**inputs).logits, labels)
+        if timed:
+            synchronize(run.device)
+            run.balancer.add(time.perf_counter() - began, labels.shape[0])
+        engine.backward(weighted_loss(loss_sum, run.world, run.ga, step_targets))
         # Called every micro-step; DeepSpeed only updates at the accumulation boundary.
         engine.step()
-        window.add_micro(loss, batch)
+        window.add_micro(loss_sum, count, batch)
 
 
 _tensorboard = {}
@@ -505,7 +786,8 @@ def tensorboard(out: Path):
 
 
 def log_window(run: Run, step: int, lr: float, window: Window, rank: int) -> float:
-    rec = metrics_record(step, lr, window, window.reduce(run.device), run.total - step)
+    reduced = window.reduce(run.comm_device)
+    rec = metrics_record(step, lr, window, reduced, run.total - step, run.stream.shares)
     if rank == 0:
         print(log_line(rec, run.total), flush=True)
         with (run.out / "metrics.jsonl").open("a") as fh:
@@ -531,12 +813,34 @@ def train_loop(run: Run, start: int, rank: int) -> float:
         if done % every == 0 or done == run.total:
             last_loss = log_window(run, done, lr, window, rank)
             window = Window()
+        if done == run.balancer.rebalance_at:
+            rebalance(run, done)
         if run.args.save_every and done % run.args.save_every == 0:
             save_checkpoint(run.engine, run.ckpt_dir, done)
             saved = done
     if saved != run.total:
         save_checkpoint(run.engine, run.ckpt_dir, run.total)
     return last_loss
+
+
+def check_shares_arg(args, world: int) -> None:
+    if args.max_micro is not None and len(args.max_micro) != world:
+        raise SystemExit(f"--max-micro: {len(args.max_micro)} caps for {world} ranks")
+    if args.shares is not None:
+        try:
+            balance.check_shares(args.shares, world, args.micro_batch * world)
+        except ValueError as exc:
+            raise SystemExit(f"--shares: {exc}") from None
+
+
+def measure_speed(model, stream, stage: int, device) -> float:
+    """This rank's seconds per sample before DeepSpeed takes the model (see initial_shares):
+    the plain model's forward + backward on this rank's first nominal micro-batch, or for
+    ZeRO-3 (weights already partitioned) the matmul probe."""
+    if stage == 3:
+        return probe_seconds(model.config, next(model.parameters()).dtype, device)
+    model.to(device)
+    return calibrate(lambda **inputs: model(**inputs).logits, model, stream.batch(0), device)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -549,6 +853,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from .data import BatchStream
 
+    check_shares_arg(args, world)
     quiet_libraries(args.verbose)
     set_seed(args.seed)
     out = Path(args.output)
@@ -562,20 +867,27 @@ def main(argv: list[str] | None = None) -> None:
     steps = total_steps(args, stream.per_epoch, ga)
     precision = pick_precision(args.precision, device_type)
     ds_config = build_ds_config(args, world, ga, precision, steps, device_type, shared)
+    stage = ds_config["zero_optimization"].get("stage", 0)
     model, _keep_alive = load_model(args, ds_config, precision)
+    device = torch_device(device_type)
+    shares, balance_line = initial_shares(
+        args, world, stage, lambda: measure_speed(model, stream, stage, device), device
+    )
+    stream.set_shares(shares)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=model.parameters(), config=ds_config
     )
     say(
         f"training {args.model}: {len(dataset)} blocks x {args.seq_len} tokens, world {world}, "
         f"micro-batch {args.micro_batch}, grad-accum {ga}, global batch "
-        f"{ds_config['train_batch_size']}, {steps} steps, zero stage "
-        f"{ds_config['zero_optimization'].get('stage')}, {precision}, "
+        f"{ds_config['train_batch_size']}, {steps} steps, zero stage {stage}, {precision}, "
         f"{'shared' if shared else 'node-local'} checkpoint storage"
     )
+    say(balance_line)
 
-    run = Run(engine, stream, args, ga, steps, engine.device, out)
+    run = Run(engine, stream, args, ga, steps, engine.device, out, world)
     start = resume(engine, run.ckpt_dir) if args.resume else 0
+    run.balancer = make_balancer(args, world, stage, start, steps)
     if rank == 0:
         drop_metrics_after(out / "metrics.jsonl", start)
     if start >= steps:
