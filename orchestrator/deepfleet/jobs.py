@@ -95,6 +95,7 @@ def train_args(
     data_path: str,
     precision: str = "auto",
     config: str | None = None,
+    caps: tuple[int, ...] | None = None,
 ) -> list[str]:
     if precision == "per-rank":  # a mixed world: each rank picks for its own device
         precision = "auto"
@@ -111,6 +112,8 @@ def train_args(
         "--precision", precision,
         "--balance", req.balance,
     ]  # fmt: skip
+    if caps:
+        args += ["--max-micro", ",".join(str(c) for c in caps)]
     if req.save_every:
         args += ["--save-every", str(req.save_every)]
     if req.global_batch:
@@ -328,7 +331,7 @@ def train(session: Session, req: TrainRequest, out=sys.stdout, environ=None) -> 
     data = f"{DEMO_DATA}/train.txt"
     if req.data != DEMO:
         data = _push_everywhere(session, req.data, DATA, out)
-    args = train_args(req, model, data, tp.cluster.precision, tp.config)
+    args = train_args(req, model, data, tp.cluster.precision, tp.config, tp.caps)
     return run_job(
         session, train_module(req), args, out, req.slots, secrets, options, checked=True,
     )  # fmt: skip

@@ -277,6 +277,31 @@ def largest_micro_batch(shape, config, ranks, reports, seq_len, micro_batch, pre
     return 0
 
 
+def machine_caps(
+    shape: ModelShape,
+    config: str,
+    ranks: list[Rank],
+    reports: Mapping[str, NodeReport],
+    seq_len: int,
+    precision: str,
+    limit: int,
+) -> dict[str, int]:
+    """Per machine, the largest micro-batch (up to limit) its ranks may take and still fit:
+    the cap on what speed balancing hands a fast machine."""
+    caps = {}
+    for rank in ranks:
+        low, high = 0, limit  # fits at low (0: not even one), and we look for the top
+        while low < high:
+            mid = (low + high + 1) // 2
+            verdict = machine_fits(shape, config, ranks, reports, seq_len, mid, precision)
+            if all(d.fits for d in verdict.devices if d.machine == rank.name):
+                low = mid
+            else:
+                high = mid - 1
+        caps[rank.name] = low
+    return caps
+
+
 def advice(
     shape: ModelShape,
     config: str,

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from deepfleet_node import balance
+
 from . import memfit
 from .compat import drivable_gpus
 from .plan import CPU_CORE_TFLOPS, DEFAULT_TFLOPS, ClusterPlan, gpu_speed
@@ -28,6 +30,8 @@ class TrainPlan:
     speeds: tuple[float, ...]  # estimated relative speed per rank
     balance: str
     verdict: memfit.Verdict | None = None  # None: model unknown or a custom config file
+    # per rank, the largest micro-batch its memory holds; None: not known or not needed
+    caps: tuple[int, ...] | None = None
 
     @property
     def rank_names(self) -> list[str]:
@@ -54,17 +58,9 @@ def rank_speeds(cluster: ClusterPlan, reports: Mapping[str, NodeReport]) -> list
     return [s / top for s in speeds]
 
 
-def split(speeds: list[float], total: int) -> list[int]:
-    """total samples over ranks in proportion to speed, each at least one (largest remainder)."""
-    if total < len(speeds):
-        raise ValueError(f"{total} samples cannot give each of {len(speeds)} ranks one")
-    spare = total - len(speeds)
-    raw = [spare * s / sum(speeds) for s in speeds]
-    shares = [1 + int(r) for r in raw]
-    order = sorted(range(len(raw)), key=lambda i: (raw[i] - int(raw[i]), speeds[i]), reverse=True)
-    for i in order[: total - sum(shares)]:
-        shares[i] += 1
-    return shares
+def split(speeds: list[float], total: int, caps: list[int] | None = None) -> list[int]:
+    """The node's own rule (deepfleet_node.balance), so the plan shows what the ranks do."""
+    return balance.shares_from_speeds(speeds, total, caps)
 
 
 def memory_config(config: str) -> str | None:
@@ -84,17 +80,28 @@ def plan_training(
     """Raises PlanError, naming the machine, when the model does not fit."""
     verdict = None
     chosen = config
+    total = micro_batch * cluster.world_size
+    caps = None
     if shape is not None and memory_config(config):
         ranks = [memfit.Rank(n.name, n.slots, n.accelerator) for n in cluster.nodes]
         verdict = memfit.check(
             shape, config, ranks, reports, seq_len, micro_batch, cluster.precision
         )
         chosen = verdict.config
+        if balance == "speed":
+            per_machine = memfit.machine_caps(
+                shape, chosen, ranks, reports, seq_len, cluster.precision, total
+            )
+            caps = tuple(per_machine[n.name] for n in cluster.nodes for _ in range(n.slots))
+            if min(caps) >= total:  # every machine holds the whole micro-batch: no cap
+                caps = None
     elif config == "auto":
         chosen = memfit.AUTO_ORDER[0]
     speeds = rank_speeds(cluster, reports) if balance == "speed" else [1.0] * cluster.world_size
-    shares = split(speeds, micro_batch * cluster.world_size)
-    return TrainPlan(cluster, chosen, micro_batch, tuple(shares), tuple(speeds), balance, verdict)
+    shares = split(speeds, total, list(caps) if caps else None)
+    return TrainPlan(
+        cluster, chosen, micro_batch, tuple(shares), tuple(speeds), balance, verdict, caps
+    )
 
 
 def describe(tp: TrainPlan) -> str:
@@ -107,6 +114,9 @@ def describe(tp: TrainPlan) -> str:
     ]
     if tp.verdict is not None:
         lines.append(memfit.describe(tp.verdict))
+    if tp.caps is not None:
+        caps = ", ".join(f"{name} {cap}" for name, cap in zip(names, tp.caps, strict=True))
+        lines.append(f"memory: the most a rank's memory holds per micro-step: {caps}")
     elif memory_config(tp.config) is None:
         lines.append(f"memory: not checked ({tp.config} is a custom config file)")
     return "\n".join(lines)
@@ -139,4 +149,5 @@ def as_dict(tp: TrainPlan) -> dict:
             for name, share, speed in zip(tp.rank_names, tp.shares, tp.speeds, strict=True)
         ],
         "memory": verdict,
+        "max_micro_batch": list(tp.caps) if tp.caps else None,
     }

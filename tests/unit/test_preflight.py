@@ -35,7 +35,8 @@ def node_env(pythonpath: Path = NODE_PATH) -> dict[str, str]:
 
 
 def node_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "deepfleet_node.preflight", *args]
+    # -S: the node package as the image has it (PYTHONPATH), not the operator venv's copy
+    return [sys.executable, "-S", "-m", "deepfleet_node.preflight", *args]
 
 
 def free_port() -> int:
@@ -341,7 +342,7 @@ class FakeNode:
 
     def _local(self, argv):
         assert argv[:3] == ["python", "-m", preflight.NODE_MODULE]
-        return [sys.executable, *argv[1:]]
+        return [sys.executable, "-S", *argv[1:]]
 
     # container.exec_run, as exec_text and the stop use it
     def exec_run(self, argv, demux=False, **_):

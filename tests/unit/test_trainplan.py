@@ -117,7 +117,7 @@ def test_one_machine_with_two_gpu_models_shares_by_speed_and_the_small_one_decid
                          nvidia(1, "NVIDIA GeForce RTX 3060", 12 * GIB, "8.6"))  # fmt: skip
     tp = train_plan(["m"], {"m": mixed}, SMALL, micro=7, seq=256)
     assert tp.cluster.nodes[0].slots == 2 and tp.cluster.precision == "bf16"
-    assert tp.shares == (12, 2)  # 312 vs 25 rated TFLOPS, at least one each
+    assert tp.shares == (13, 1)  # 312 vs 25 rated TFLOPS, at least one each
     wheres = [d.where for d in tp.verdict.devices]
     assert wheres == ["GPU 0", "GPU 1", "RAM"]
 
@@ -181,7 +181,7 @@ def test_without_a_model_the_plan_still_shows_slots_and_micro_batches():
 
 @pytest.mark.parametrize(
     "speeds,total,expected",
-    [([1, 1], 8, [4, 4]), ([3, 1], 8, [6, 2]), ([1, 0.5, 0.3], 12, [6, 4, 2]),
+    [([1, 1], 8, [4, 4]), ([3, 1], 8, [6, 2]), ([1, 0.5, 0.3], 12, [7, 3, 2]),
      ([100, 1, 1], 4, [2, 1, 1]), ([1, 1, 1], 3, [1, 1, 1])],
 )  # fmt: skip
 def test_split_is_proportional_sums_to_total_and_gives_everyone_one(speeds, total, expected):
@@ -221,3 +221,18 @@ def test_bridge_needs_the_whole_model_states_on_every_rank():
     assert gpu.where == "GPU 0" and gpu.need > 16 * SMALL.params and verdict.fits
     with pytest.raises(PlanError, match="does not fit with bridge"):
         memfit.check(LLAMA2_7B, memfit.BRIDGE, ranks, reports, 256, 1, "fp32")
+
+
+def test_speed_balance_never_hands_a_machine_more_than_its_memory_holds():
+    # a fast roomy machine and a slow one; the fast one's RAM caps its share
+    reports = {"fast": rep(cpu_count=8, memory_bytes=24 * GIB, memory_limit_bytes=int(2.4 * GIB)),
+               "slow": rep(cpu_count=1, memory_bytes=24 * GIB)}  # fmt: skip
+    medium = memfit.ModelShape(60_000_000, 32000 * 512, 8, 512, 8, 32000, "medium")
+    tp = train_plan(["fast", "slow"], reports, medium, micro=4, seq=256)
+    assert tp.caps is not None and tp.caps[0] < 8 <= tp.caps[1]
+    assert tp.shares[0] == tp.caps[0] and sum(tp.shares) == 8  # 8:1 speed, held at the cap
+    ranks = [memfit.Rank("fast", 1, "cpu"), memfit.Rank("slow", 1, "cpu")]
+    at_cap = memfit.machine_fits(medium, "zero2", ranks, reports, 256, tp.caps[0], "fp32")
+    over = memfit.machine_fits(medium, "zero2", ranks, reports, 256, tp.caps[0] + 1, "fp32")
+    assert at_cap.devices[0].fits and not over.devices[0].fits
+    assert "the most a rank's memory holds per micro-step: fast" in trainplan.describe(tp)
