@@ -64,6 +64,7 @@ def report() -> dict:
 
 
 def test_versions_are_the_manifests(report, manifest):
+    import accelerate
     import safetensors
     import tokenizers
 
@@ -74,6 +75,7 @@ def test_versions_are_the_manifests(report, manifest):
     assert versions["python"].rsplit(".", 1)[0] == manifest["PYTHON_VERSION"]
     assert tokenizers.__version__ == manifest["TOKENIZERS_VERSION"]
     assert safetensors.__version__ == manifest["SAFETENSORS_VERSION"]
+    assert accelerate.__version__ == manifest["ACCELERATE_VERSION"]
 
 
 def test_torch_is_built_for_the_flavor(report, manifest):
