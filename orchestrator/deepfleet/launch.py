@@ -34,7 +34,7 @@ ERROR_LINE = re.compile(
 )  # torch prefixes a rank's traceback lines with [rankN]:
 # Processes a job leaves in a node container: the launcher, pdsh, its ssh hops, the ranks.
 # The brackets keep the pattern from matching the shell that runs pkill with it.
-JOB_PROCESSES = "[d]eepspeed|[d]eepfleet_node[.](train|infer)|[p]dsh"
+JOB_PROCESSES = "[d]eepspeed|[d]eepfleet_node[.](train|infer|bridge)|[p]dsh"
 
 
 @dataclass(frozen=True)
