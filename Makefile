@@ -48,8 +48,10 @@ $(VENV)/.installed: pyproject.toml
 images: setup
 	$(DF) build-image --flavor $(FLAVOR) --base-image $(BASE_IMAGE)
 
+# LAB_CPUS="0.9 0.5 0.3" LAB_MEM="6g 4g 2g": each machine's CPU quota and memory limit
 lab-up: setup
-	$(VENV)/bin/python docker/lab.py up --nodes $(LAB_NODES) --base-image $(BASE_IMAGE)
+	$(VENV)/bin/python docker/lab.py up --nodes $(LAB_NODES) --base-image $(BASE_IMAGE) \
+	  $(if $(LAB_CPUS),--cpus "$(LAB_CPUS)") $(if $(LAB_MEM),--mem "$(LAB_MEM)")
 
 lab-down: venv
 	$(VENV)/bin/python docker/lab.py down

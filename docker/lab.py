@@ -1,7 +1,15 @@
 """The simulated LAN: N containers, each a "machine" with its own IP, Docker engine and sshd.
 
     python docker/lab.py up --nodes 2     # writes .lab/ssh_config, .lab/known_hosts, .lab/nodes
+    python docker/lab.py up --nodes 3 --cpus "0.9 0.5 0.3" --mem "6g 4g 2g"
     python docker/lab.py down
+
+Unlike machines: --cpus (cores, a CFS quota) and --mem (bytes, or 512m, 6g: binary units
+as `docker run -m`) give each machine its own limits, one value per machine or one value
+for all, `max` for none. They sit on the cgroup parent of that machine's engine
+(/deepfleet-lab-N, see lab/entrypoint.sh), so they bound every container deepfleet starts
+there, without swap to spill into, and node containers see them (detect reports
+cpu_quota and memory_limit_bytes). set_limits() changes them on a running lab.
 
 Everything it makes carries the label deepfleet.lab=1 and is removed by `down`, which
 `up` also runs first so a crashed earlier run leaves nothing behind. The operator reaches
@@ -11,6 +19,7 @@ the machines the way it reaches a real LAN: SSH with a key and pinned host keys.
 from __future__ import annotations
 
 import argparse
+import re
 import resource
 import shutil
 import subprocess
@@ -20,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import docker
-from docker.errors import APIError, NotFound
+from docker.errors import APIError, DockerException, NotFound
 
 ROOT = Path(__file__).resolve().parents[1]
 LABEL = "deepfleet.lab"
@@ -28,6 +37,14 @@ PREFIX = "deepfleet-lab"
 NETWORK = f"{PREFIX}-net"
 IMAGE = "deepfleet/lab-node:latest"
 LOCAL_BASE = "deepfleet/base:bookworm"
+
+
+CFS_PERIOD_US = 100_000
+MIN_CPUS = 0.01  # the kernel's smallest CFS quota is 1 ms per 100 ms period
+MIN_MEMORY = 64 * 1024**2  # below this a node container cannot run its sshd and detect
+_SIZE_RE = re.compile(r"(\d+(?:\.\d+)?)([kmgt]?)(?:i?b)?", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+_NO_LIMIT = ("max", "none", "-")
 
 
 class LabError(Exception):
@@ -39,6 +56,139 @@ class LabNode:
     name: str  # ssh alias, e.g. lab1
     container: str
     ip: str
+    cpus: float | None = None  # its CPU quota in cores; None: the host's CPUs
+    memory_bytes: int | None = None  # its memory limit; None: the host's memory
+
+
+def parse_size(value) -> int:
+    """Bytes from 2147483648, "2g", "512m", "1.5GiB" (binary units, as `docker run -m`)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return value
+    match = _SIZE_RE.fullmatch(str(value).strip())
+    if not match:
+        raise LabError(f"memory {value!r} is not a size (bytes, or e.g. 512m, 6g)")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def _gib(size: int) -> str:
+    return f"{size / 1024**3:.1f} GiB"
+
+
+def check_limits(where: str, cpus, mem, host_cpus: int, host_memory: int):
+    """(cores, bytes) for one machine, None meaning no limit; LabError for a bad value."""
+    if cpus is not None and str(cpus).strip().lower() not in _NO_LIMIT:
+        try:
+            cpus = float(cpus)
+        except (TypeError, ValueError):
+            raise LabError(f"{where}: cpus {cpus!r} is not a number of cores (e.g. 0.5)") from None
+        if not MIN_CPUS <= cpus <= host_cpus:  # NaN fails this too
+            raise LabError(
+                f"{where}: cpus {cpus:g} is outside {MIN_CPUS:g}..{host_cpus}"
+                f" (the host has {host_cpus} CPUs)"
+            )
+    else:
+        cpus = None
+    if mem is not None and str(mem).strip().lower() not in _NO_LIMIT:
+        try:
+            size = parse_size(mem)
+        except LabError as exc:
+            raise LabError(f"{where}: {exc}") from None
+        if not MIN_MEMORY <= size <= host_memory:
+            raise LabError(
+                f"{where}: memory {mem!r} is outside 64m..{_gib(host_memory)} (what the host has)"
+            )
+        mem = size
+    else:
+        mem = None
+    return cpus, mem
+
+
+def _per_machine(values, count: int, what: str) -> list:
+    if values is None:
+        return [None] * count
+    if isinstance(values, str):
+        values = values.replace(",", " ").split()
+    elif not isinstance(values, (list, tuple)):
+        values = [values]
+    values = list(values)
+    if len(values) == 1:
+        return values * count  # one value: every machine
+    if len(values) != count:
+        raise LabError(
+            f"--{what} has {len(values)} values for {count} machines:"
+            " give one per machine, or one for all"
+        )
+    return values
+
+
+def machine_limits(count: int, cpus, mem, info: dict) -> list[tuple[float | None, int | None]]:
+    """Each machine's (cores, bytes) from up()'s cpus and mem, checked against the host
+    (`info`: the engine's `docker info`)."""
+    host_cpus, host_memory = int(info["NCPU"]), int(info["MemTotal"])
+    pairs = zip(_per_machine(cpus, count, "cpus"), _per_machine(mem, count, "mem"), strict=True)
+    return [
+        check_limits(f"lab{i}", c, m, host_cpus, host_memory) for i, (c, m) in enumerate(pairs, 1)
+    ]
+
+
+# Run inside a lab machine (it has the host's cgroup tree, read-write): the limits of its
+# engine's cgroup parent. $1 the parent, $2 the CFS quota in us or max, $3 bytes or max.
+_LIMITS_SCRIPT = f"""
+set -eu
+name=$1 quota=$2 mem=$3 cg=/sys/fs/cgroup
+if [ -f $cg/cgroup.controllers ]; then
+  for c in cpu memory; do
+    grep -qw $c $cg/cgroup.subtree_control || echo +$c >$cg/cgroup.subtree_control
+  done
+  mkdir -p $cg/$name
+  echo "$quota {CFS_PERIOD_US}" >$cg/$name/cpu.max
+  echo "$mem" >$cg/$name/memory.max
+  if [ -f $cg/$name/memory.swap.max ]; then
+    if [ "$mem" = max ]; then echo max; else echo 0; fi >$cg/$name/memory.swap.max
+  fi
+else
+  mkdir -p $cg/cpu/$name $cg/memory/$name
+  if [ "$quota" = max ]; then quota=-1; fi
+  if [ "$mem" = max ]; then mem=-1; fi
+  echo {CFS_PERIOD_US} >$cg/cpu/$name/cpu.cfs_period_us
+  echo "$quota" >$cg/cpu/$name/cpu.cfs_quota_us
+  sw=$cg/memory/$name/memory.memsw.limit_in_bytes
+  if [ -f $sw ]; then echo -1 >$sw; fi
+  echo "$mem" >$cg/memory/$name/memory.limit_in_bytes
+  if [ -f $sw ]; then echo "$mem" >$sw; fi
+fi
+"""
+# Run in a throwaway container after `down`: the machines' cgroup parents, emptied by then.
+_RMDIR_SCRIPT = f"""
+for d in /sys/fs/cgroup/{PREFIX}-[0-9]* /sys/fs/cgroup/*/{PREFIX}-[0-9]*; do
+  [ -d "$d" ] && find "$d" -depth -type d -exec rmdir {{}} + 2>/dev/null
+done
+true
+"""
+
+
+def _write_limits(container, cpus: float | None, mem: int | None) -> None:
+    quota = "max" if cpus is None else str(round(cpus * CFS_PERIOD_US))
+    memory = "max" if mem is None else str(mem)
+    code, out = container.exec_run(
+        ["sh", "-c", _LIMITS_SCRIPT, "sh", container.name, quota, memory]
+    )
+    if code != 0:
+        detail = " ".join(out.decode(errors="replace").split())
+        raise LabError(f"{container.name}: cannot set cpus {quota} / memory {memory}: {detail}")
+
+
+def set_limits(index: int, cpus: float | None, mem: str | int | None, client=None) -> None:
+    """Give running machine `index` (lab<index>) a CPU quota in cores and a memory limit
+    (bytes or "2g"), at once and for the containers already there; None clears either."""
+    client = client or _client()
+    info = client.info()
+    cpus, mem = check_limits(f"lab{index}", cpus, mem, int(info["NCPU"]), int(info["MemTotal"]))
+    try:
+        container = client.containers.get(f"{PREFIX}-{index}")
+    except NotFound:
+        raise LabError(f"lab{index}: no such lab machine ({PREFIX}-{index})") from None
+    _write_limits(container, cpus, mem)
 
 
 def _client():
@@ -58,9 +208,27 @@ def down(client=None, lab_dir: Path | None = None) -> list[str]:
     for n in client.networks.list(filters={"label": LABEL}):
         n.remove()
         removed.append(n.name)
+    if any(r.startswith(f"{PREFIX}-") and r[len(PREFIX) + 1 :].isdigit() for r in removed):
+        _remove_cgroups(client)
     if lab_dir is not None:
         shutil.rmtree(lab_dir, ignore_errors=True)
     return removed
+
+
+def _remove_cgroups(client) -> None:
+    """rmdir the machines' cgroup parents (hygiene: a busy one stays, up() resets it)."""
+    try:
+        client.containers.run(
+            IMAGE,
+            entrypoint=["sh", "-c", _RMDIR_SCRIPT],
+            remove=True,
+            labels={LABEL: "1"},
+            cgroupns="host",
+            security_opt=["apparmor=unconfined"],
+            volumes={"/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"}},
+        )
+    except DockerException:
+        pass
 
 
 def build_image(client, base_image: str) -> None:
@@ -99,6 +267,9 @@ def _start_node(client, index: int, pubkey: str):
         labels={LABEL: "1"},
         network=NETWORK,
         environment={"LAB_AUTHORIZED_KEY": pubkey, "LAB_NODE_NAME": name},
+        # The host's cgroup namespace: the engine's containers then see their cgroup paths
+        # from the host's root (/deepfleet-lab-N/...), and so their machine's limits.
+        cgroupns="host",
         # What a nested engine needs here, --privileged being refused (see DEVELOPERS.md).
         cap_add=["ALL"],
         cap_drop=["SYS_RESOURCE"],
@@ -152,25 +323,52 @@ def write_ssh_files(lab_dir: Path, nodes: list[LabNode], host_keys: dict[str, st
     (lab_dir / "nodes").write_text(" ".join(n.name for n in nodes) + "\n")
 
 
-def write_compose_override(lab_dir: Path) -> None:
-    """Clamp the node spec's memlock to what lab machines have.
+def write_compose_override(lab_dir: Path, cpu_hierarchy: str | None = None) -> None:
+    """Clamp the node spec's memlock to what lab machines have, and let the node container
+    see its machine's limits.
 
     Lab machines run without CAP_SYS_RESOURCE, so a container there cannot raise its
-    memlock limit above the one the machine itself got from this host.
+    memlock limit above the one the machine itself got from this host. The limits sit on
+    the machine engine's cgroup parent: with the host's cgroup namespace (`cgroup: host`)
+    a cgroup v2 container mounts the whole tree and reads its ancestors' cpu.max and
+    memory.max. Under cgroup v1 a container's hierarchies are its own level only;
+    memory.stat still carries the ancestors' memory limit, but the CPU quota needs the cpu
+    hierarchy (`cpu_hierarchy`, its real path on the machine) mounted read-only.
     """
     soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     limit = -1 if hard == resource.RLIM_INFINITY else hard
-    (lab_dir / "compose.override.yml").write_text(
-        "# written by docker/lab.py: lab machines cannot raise memlock\n"
+    text = (
+        "# written by docker/lab.py: lab machines cannot raise memlock; node containers\n"
+        "# see their machine's CPU quota and memory limit\n"
         "services:\n  node:\n    ulimits:\n"
         f"      memlock:\n        soft: {limit}\n        hard: {limit}\n"
+        "    cgroup: host\n"
     )
+    if cpu_hierarchy:
+        text += f"    volumes:\n      - {cpu_hierarchy}:{cpu_hierarchy}:ro\n"
+    (lab_dir / "compose.override.yml").write_text(text)
 
 
-def up(count: int, lab_dir: Path, base_image: str = "local", client=None) -> list[LabNode]:
+def _cpu_hierarchy(client, container) -> str | None:
+    """cgroup v1: the cpu hierarchy's real path on the machine (cpu may be cpu,cpuacct)."""
+    if str(client.info().get("CgroupVersion", "2")) != "1":
+        return None
+    code, out = container.exec_run(["readlink", "-f", "/sys/fs/cgroup/cpu"])
+    path = out.decode(errors="replace").strip()
+    if code != 0 or not path.startswith("/sys/fs/cgroup/"):
+        raise LabError(f"{container.name}: no cgroup v1 cpu hierarchy under /sys/fs/cgroup")
+    return path
+
+
+def up(
+    count: int, lab_dir: Path, base_image: str = "local", client=None, cpus=None, mem=None
+) -> list[LabNode]:
+    """Start `count` machines. `cpus` (cores) and `mem` (bytes or "6g") are lists with one
+    value per machine, or one value (or a list of one) for all; None or "max": no limit."""
     if count < 1:
         raise LabError("the lab needs at least one node")
     client = client or _client()
+    limits = machine_limits(count, cpus, mem, client.info())  # before anything changes
     down(client, lab_dir)
     build_image(client, base_image)
     lab_dir.mkdir(parents=True)
@@ -180,15 +378,19 @@ def up(count: int, lab_dir: Path, base_image: str = "local", client=None) -> lis
     try:
         containers = [_start_node(client, i, pubkey) for i in range(1, count + 1)]
         nodes, keys = [], {}
-        for index, container in enumerate(containers, 1):
+        for index, (container, (cores, memory)) in enumerate(
+            zip(containers, limits, strict=True), 1
+        ):
             _wait_ready(container)
+            # always written: a parent left from an earlier lab may still carry limits
+            _write_limits(container, cores, memory)
             container.reload()
             ip = container.attrs["NetworkSettings"]["Networks"][NETWORK]["IPAddress"]
-            node = LabNode(name=f"lab{index}", container=container.name, ip=ip)
+            node = LabNode(f"lab{index}", container.name, ip, cores, memory)
             nodes.append(node)
             keys[node.name] = _host_key(container)
         write_ssh_files(lab_dir, nodes, keys)
-        write_compose_override(lab_dir)
+        write_compose_override(lab_dir, _cpu_hierarchy(client, containers[0]))
         return nodes
     except BaseException:
         down(client, lab_dir)
@@ -201,14 +403,23 @@ def main(argv: list[str] | None = None) -> int:
     p_up = sub.add_parser("up", help="start the simulated LAN")
     p_up.add_argument("--nodes", type=int, default=2)
     p_up.add_argument("--base-image", default="local")
+    p_up.add_argument(
+        "--cpus", help='CPU cores per machine, e.g. "0.9 0.5 0.3", or one for all (max: none)'
+    )
+    p_up.add_argument(
+        "--mem", help='memory per machine, e.g. "6g 4g 2g", or one for all (max: none)'
+    )
     sub.add_parser("down", help="remove everything the lab made")
     parser.add_argument("--dir", type=Path, default=ROOT / ".lab")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "up":
-            nodes = up(args.nodes, args.dir.resolve(), args.base_image)
+            nodes = up(args.nodes, args.dir.resolve(), args.base_image, None, args.cpus, args.mem)
             for node in nodes:
-                print(f"lab: {node.name} {node.ip} ({node.container})")
+                limits = [f"{node.cpus:g} cpus"] if node.cpus else []
+                limits += [f"{_gib(node.memory_bytes)} memory"] if node.memory_bytes else []
+                shown = f", limits {', '.join(limits)}" if limits else ""
+                print(f"lab: {node.name} {node.ip} ({node.container}{shown})")
             print(f"lab: ssh config in {args.dir / 'ssh_config'}")
         else:
             removed = down(lab_dir=args.dir.resolve())

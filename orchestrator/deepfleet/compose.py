@@ -23,7 +23,9 @@ KNOWN_KEYS = {
     "image", "container_name", "command", "entrypoint", "network_mode", "ipc", "shm_size",
     "ulimits", "environment", "volumes", "labels", "restart", "devices", "group_add",
     "security_opt", "cap_add", "cap_drop", "deploy", "working_dir", "user", "privileged",
+    "cgroup",
 }  # fmt: skip
+CGROUP_MODES = ("host", "private")
 UNLIMITED = -1
 
 
@@ -72,6 +74,7 @@ class ContainerSpec:
     working_dir: str | None = None
     user: str | None = None
     privileged: bool = False
+    cgroupns: str | None = None  # compose `cgroup:`: host or private (None: the engine's)
 
     def redacted_environment(self) -> dict[str, str]:
         secret = ("TOKEN", "KEY", "PASSWORD", "SECRET")
@@ -225,6 +228,14 @@ def _argv(value) -> tuple[str, ...] | None:
     return tuple(str(v) for v in value)
 
 
+def _cgroup(value) -> str | None:
+    if value is None:
+        return None
+    if value not in CGROUP_MODES:
+        raise ContainerError(f"services.{SERVICE}.cgroup is {value!r}, not host or private")
+    return str(value)
+
+
 def to_spec(service: dict, volume_names: dict[str, str]) -> ContainerSpec:
     return ContainerSpec(
         name=str(service.get("container_name") or "deepfleet-node"),
@@ -248,6 +259,7 @@ def to_spec(service: dict, volume_names: dict[str, str]) -> ContainerSpec:
         working_dir=service.get("working_dir"),
         user=service.get("user"),
         privileged=bool(service.get("privileged", False)),
+        cgroupns=_cgroup(service.get("cgroup")),
     )
 
 

@@ -43,6 +43,7 @@ def run_kwargs(spec: ContainerSpec) -> dict:
         "working_dir": spec.working_dir,
         "user": spec.user,
         "privileged": spec.privileged or None,
+        "cgroupns": spec.cgroupns,
         "restart_policy": {"Name": spec.restart} if spec.restart and spec.restart != "no" else None,
         "device_requests": [
             DeviceRequest(

@@ -78,3 +78,15 @@ def test_missing_service_is_refused(tmp_path: Path):
     bad.write_text("services:\n  web:\n    image: x\n")
     with pytest.raises(ContainerError, match="no services.node"):
         compose.load([bad], {})
+
+
+def test_cgroup_key_becomes_cgroupns(tmp_path: Path):
+    assert "cgroupns" not in run_kwargs(compose.node_spec("cpu", {}))  # the engine's default
+    override = tmp_path / "o.yml"
+    override.write_text("services:\n  node:\n    cgroup: host\n")
+    spec = compose.node_spec("cpu", {}, [override])
+    assert spec.cgroupns == "host"
+    assert run_kwargs(spec)["cgroupns"] == "host"
+    override.write_text("services:\n  node:\n    cgroup: shared\n")
+    with pytest.raises(ContainerError, match="cgroup is 'shared', not host or private"):
+        compose.node_spec("cpu", {}, [override])

@@ -1603,29 +1603,96 @@ def _read_text(path: str) -> str | None:
         return None
 
 
-def _cpu_count(read_text: Callable[[str], str | None]) -> int:
+CGROUP_ROOT = "/sys/fs/cgroup"
+# cgroup v1 writes "no limit" as a page-rounded LONG_MAX (9223372036854771712); anything
+# this large is no limit.
+_NO_LIMIT_BYTES = 1 << 60
+
+
+def _positive_int(text: str | None) -> int | None:
+    try:
+        value = int((text or "").strip())
+    except ValueError:
+        return None
+    return value if 0 < value < _NO_LIMIT_BYTES else None
+
+
+def _quota(quota: str | None, period: str | None) -> float | None:
+    """Cores from a CFS quota and period in microseconds; None for none or garbage."""
+    try:
+        q, p = int((quota or "").strip()), int((period or "").strip())
+    except ValueError:
+        return None
+    return q / p if q > 0 and p > 0 else None
+
+
+def _levels(mount: str, path: str) -> list[str]:
+    """The directories of cgroup `path` and every ancestor under `mount`, deepest first.
+
+    Where the container sees only its own level (a private cgroup namespace, or cgroup v1's
+    own-level mount), the deeper ones do not exist there and `mount` itself is that level.
+    """
+    parts = [p for p in path.strip().split("/") if p]
+    if ".." in parts:  # a cgroup outside this namespace: only the mount's own level
+        parts = []
+    return [mount + "".join(f"/{p}" for p in parts[:n]) for n in range(len(parts), -1, -1)]
+
+
+def _lowest(values: Iterable[Any]) -> Any:
+    present = [v for v in values if v is not None]
+    return min(present) if present else None
+
+
+def cgroup_limits(read_text: Callable[[str], str | None]) -> dict:
+    """The memory limit (bytes) and CPU quota (cores) this process runs under, or None each.
+
+    The smallest over its cgroup and every ancestor visible under /sys/fs/cgroup: a
+    machine-wide limit set on a parent cgroup bounds every container under it, and is
+    visible when the container shares the host's cgroup namespace. cgroup v2: memory.max
+    and cpu.max ("max 100000" = none, "30000 100000" = 0.3 cores). v1: memory.limit_in_bytes
+    and memory.stat's hierarchical_memory_limit (which carries the ancestors' limit even
+    where only the own level is mounted), cpu.cfs_quota_us / cpu.cfs_period_us.
+    """
+    lines = [line.split(":", 2) for line in (read_text("/proc/self/cgroup") or "").splitlines()]
+    lines = [parts for parts in lines if len(parts) == 3]
+    memory: list[int | None] = []
+    cpu: list[float | None] = []
+    if read_text(f"{CGROUP_ROOT}/cgroup.controllers") is not None:  # v2, unified
+        path = next((p for h, c, p in lines if h == "0" and not c), "/")
+        for level in _levels(CGROUP_ROOT, path):
+            memory.append(_positive_int(read_text(f"{level}/memory.max")))
+            fields = (read_text(f"{level}/cpu.max") or "").split()
+            cpu.append(_quota(*fields) if len(fields) == 2 else None)
+    else:  # v1: one hierarchy per controller
+
+        def path_of(controller: str) -> str:
+            return next((p for _, c, p in lines if controller in c.split(",")), "/")
+
+        for level in _levels(f"{CGROUP_ROOT}/memory", path_of("memory")):
+            memory.append(_positive_int(read_text(f"{level}/memory.limit_in_bytes")))
+            for line in (read_text(f"{level}/memory.stat") or "").splitlines():
+                key, _, value = line.partition(" ")
+                if key == "hierarchical_memory_limit":
+                    memory.append(_positive_int(value))
+        for level in _levels(f"{CGROUP_ROOT}/cpu", path_of("cpu")):
+            cpu.append(
+                _quota(
+                    read_text(f"{level}/cpu.cfs_quota_us"), read_text(f"{level}/cpu.cfs_period_us")
+                )
+            )
+    quota = _lowest(cpu)
+    return {
+        "memory_limit_bytes": _lowest(memory),
+        "cpu_quota": round(quota, 4) if quota is not None else None,
+    }
+
+
+def _cpu_count(quota: float | None) -> int:
     try:
         count = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
         count = os.cpu_count() or 1
     # A container's --cpus limit is a CFS quota, invisible to the affinity mask.
-    quota = None
-    cpu_max = read_text("/sys/fs/cgroup/cpu.max")
-    if cpu_max:
-        parts = cpu_max.split()
-        if len(parts) == 2 and parts[0] != "max":
-            try:
-                quota = float(parts[0]) / float(parts[1])
-            except (ValueError, ZeroDivisionError):
-                quota = None
-    else:
-        q = read_text("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
-        p = read_text("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
-        try:
-            if q and p and int(q) > 0:
-                quota = int(q) / int(p)
-        except (ValueError, ZeroDivisionError):
-            quota = None
     if quota and quota > 0:
         count = min(count, max(1, math.ceil(quota)))
     return count
@@ -1744,6 +1811,12 @@ def collect(
     memory = parse_meminfo(read_text("/proc/meminfo") or "")
     if memory is None:
         ctx.error("meminfo", "MemTotal not found in /proc/meminfo")
+    limits = _guarded(
+        ctx,
+        "cgroup",
+        lambda: cgroup_limits(read_text),
+        {"memory_limit_bytes": None, "cpu_quota": None},
+    )
 
     versions = {
         "python": platform.python_version(),
@@ -1800,8 +1873,12 @@ def collect(
         "schema": SCHEMA_VERSION,
         "hostname": hostname,
         "ips": ips,
-        "cpu_count": _guarded(ctx, "cpu", lambda: _cpu_count(read_text), os.cpu_count() or 1),
+        "cpu_count": _guarded(
+            ctx, "cpu", lambda: _cpu_count(limits["cpu_quota"]), os.cpu_count() or 1
+        ),
         "memory_bytes": memory or 0,
+        "memory_limit_bytes": limits["memory_limit_bytes"],
+        "cpu_quota": limits["cpu_quota"],
         "accelerator": accelerator,
         "gpu_vendor": vendor,
         "gpus": [_report_gpu(gpu) for gpu in gpus],
@@ -1840,6 +1917,8 @@ def minimal_report(error: str) -> dict:
         "ips": [],
         "cpu_count": os.cpu_count() or 1,
         "memory_bytes": 0,
+        "memory_limit_bytes": None,
+        "cpu_quota": None,
         "accelerator": "cpu",
         "gpu_vendor": "none",
         "gpus": [],
@@ -1889,6 +1968,11 @@ def validate_report(report: Any) -> list[str]:
     check(isinstance(ips, list) and all(isinstance(i, str) for i in ips), "ips")
     check(typed(report.get("cpu_count"), (int,)) and report["cpu_count"] > 0, "cpu_count")
     check(typed(report.get("memory_bytes"), (int,)), "memory_bytes")
+    # optional: reports from before the cgroup limits were added
+    limit = report.get("memory_limit_bytes")
+    check(limit is None or (typed(limit, (int,)) and limit > 0), "memory_limit_bytes")
+    quota = report.get("cpu_quota")
+    check(quota is None or (typed(quota, (int, float)) and quota > 0), "cpu_quota")
     for key, allowed in _ENUMS.items():
         check(report.get(key) in allowed, f"{key} {report.get(key)!r} not in {sorted(allowed)}")
     gpus = report.get("gpus")
@@ -1964,9 +2048,14 @@ def _gib(value: int | None) -> str:
 
 def format_summary(report: Mapping[str, Any]) -> str:
     versions = report.get("versions", {})
+    quota = report.get("cpu_quota")
+    quota = f" (quota {quota:.2f} cores)" if quota else ""
+    limit = report.get("memory_limit_bytes")
+    limit = f" (limit {_gib(limit)})" if limit else ""
     lines = [
         f"host     {report.get('hostname')}  {' '.join(report.get('ips') or []) or '(no address)'}",
-        f"cpu      {report.get('cpu_count')} cores, {_gib(report.get('memory_bytes'))} memory",
+        f"cpu      {report.get('cpu_count')} cores{quota}, "
+        f"{_gib(report.get('memory_bytes'))} memory{limit}",
         f"python   {versions.get('python')}  torch {versions.get('torch') or '-'} "
         f"({report.get('accelerator')})  deepspeed {versions.get('deepspeed') or '-'}  "
         f"transformers {versions.get('transformers') or '-'}",
