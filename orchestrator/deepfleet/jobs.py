@@ -267,12 +267,14 @@ def check_inputs(req: TrainRequest) -> None:
         inputs.check_model_dir(Path(req.model).expanduser())
 
 
-def model_shape(session: Session, model: str, env: dict[str, str] | None = None):
+def model_shape(session: Session, model: str, local: bool):
     """The model's shape from its config alone, read on the master (which has torch):
-    a local folder's config.json is sent there by itself, before any weights are copied."""
+    a folder on this machine (`local`) sends its config.json there by itself, before any
+    weights are copied; otherwise `model` is a path in the master's container or a hub
+    name already in its cache."""
     master = session.master
     where = model
-    if is_local(model):
+    if local:
         folder = inputs.check_model_dir(Path(model).expanduser())
         where = f"{RUN_DIR}/shape/{folder.name}"
         config = (folder / "config.json").read_bytes()
@@ -281,14 +283,14 @@ def model_shape(session: Session, model: str, env: dict[str, str] | None = None)
         )
     code, output = session.container(master).exec_run(
         ["python", "-m", "deepfleet_node.modelinfo", "--model", where], demux=True,
-        environment={"HF_HUB_OFFLINE": "1", **(env or {})},
+        environment={"HF_HUB_OFFLINE": "1"},
     )  # fmt: skip
     if code != 0:
         why = (output[1] or b"").decode(errors="replace").strip().splitlines()
         raise DeepfleetError(
             f"cannot read the shape of {model}: {why[-1] if why else code}", master
         )
-    name = Path(model).name if is_local(model) else model
+    name = Path(model).name if local or model.startswith("/") else model
     return memfit.ModelShape.from_info(json.loads(output[0].decode()), name=name)
 
 
@@ -301,11 +303,13 @@ def train_options(req: TrainRequest) -> RunOptions:
     return replace(req.options, mixed=True) if req.bridge else req.options
 
 
-def plan_train(session: Session, req: TrainRequest, model: str, out) -> trainplan.TrainPlan:
+def plan_train(
+    session: Session, req: TrainRequest, model: str, local: bool, out
+) -> trainplan.TrainPlan:
     """Memory fit and micro-batch per rank; a model that does not fit is refused here,
     naming the machine, before its weights are copied anywhere."""
     config = memfit.BRIDGE if req.bridge else req.config
-    shape = model_shape(session, model) if trainplan.memory_config(config) else None
+    shape = model_shape(session, model, local) if trainplan.memory_config(config) else None
     options = train_options(req)
     plan = job_plan(session, req.slots, options.backend, options.mixed)
     tp = trainplan.plan_training(
@@ -322,11 +326,12 @@ def train(session: Session, req: TrainRequest, out=sys.stdout, environ=None) -> 
     ready_cluster(session, req.slots, options, out)
     if req.model == DEMO or req.data == DEMO:
         _ensure_demo_assets(session, out)
+    local = req.model != DEMO and is_local(req.model)
     model = DEMO_MODEL if req.model == DEMO else req.model
-    if not is_local(model) and model != DEMO_MODEL:  # a hub name: config comes with weights
+    if req.model != DEMO and not local:  # a hub name: its config comes with the weights
         model = resolve_model(session, model, out, secrets)
-    tp = plan_train(session, req, model, out)  # a local folder: only its config.json so far
-    if req.model != DEMO and is_local(req.model):
+    tp = plan_train(session, req, model, local, out)  # a local folder: config.json only
+    if local:
         model = resolve_model(session, req.model, out, secrets)
     data = f"{DEMO_DATA}/train.txt"
     if req.data != DEMO:

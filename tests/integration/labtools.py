@@ -25,7 +25,7 @@ STEP_RE = re.compile(r"^\[(\S+)\] step (\d+)/(\d+) loss ([0-9.]+)")
 # Set for the node service by the session cluster's compose override (conftest).
 NODE_ENV = {"DEEPFLEET_LAB_PROBE": "set in compose", "WANDB_NOTES": 'two words "quoted"'}
 # Any process a job leaves in a node container: the launcher, pdsh, the ranks.
-JOB_PROCESSES = "deepfleet_node[.](train|infer)|deepspeed|pdsh"
+JOB_PROCESSES = "deepfleet_node[.](train|infer|bridge)|deepspeed|pdsh"
 
 
 @dataclass
@@ -123,3 +123,43 @@ def train_until_step(
             break
         assert time.monotonic() < deadline, "".join(seen[-50:])
     return proc, seen
+
+
+# A CPU-bound loop that prints the share of one core it got (process CPU time / wall time).
+BUSY_LOOP = """
+import time
+wall, cpu = time.monotonic(), time.process_time()
+while time.monotonic() - wall < {seconds}:
+    pass
+print((time.process_time() - cpu) / (time.monotonic() - wall))
+"""
+
+
+def cpu_share(cluster, index: int, seconds: float = 4.0) -> float:
+    """The share of one core a busy loop gets in node `index`'s container."""
+    code, out = cluster.node_exec(index, ["python", "-c", BUSY_LOOP.format(seconds=seconds)])
+    assert code == 0, out
+    return float(out.strip().splitlines()[-1])
+
+
+# The OOM kills under a lab machine's cgroup parent ($1): cgroup v2 counts them up the tree
+# in memory.events; v1 only in the victim's own cgroup, so its subtree is summed.
+_OOM_KILLS = """
+cg=/sys/fs/cgroup
+if [ -f $cg/cgroup.controllers ]; then
+  sed -n 's/^oom_kill //p' $cg/$1/memory.events
+else
+  find $cg/memory/$1 -name memory.oom_control -exec sed -n 's/^oom_kill //p' {} + |
+    awk '{ n += $1 } END { print n + 0 }'
+fi
+"""
+
+
+def oom_kills(node) -> int:
+    """How many processes the OOM killer has taken on lab machine `node` (a LabNode)."""
+    result = subprocess.run(
+        ["docker", "exec", node.container, "sh", "-c", _OOM_KILLS, "sh", node.container],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    return int(result.stdout.split()[0])
