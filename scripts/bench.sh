@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# make bench: time the whole path on a 2-machine simulated LAN and save the figures.
+# make bench: time the whole path on a 2-machine simulated LAN, then speed balancing on 3
+# unlike machines (scripts/bench_unlike.py), and save the figures.
 # Figures are printed and written to bench/results/<time>.json; nothing here is a test.
 # IMAGE=deepfleet/cuda:latest benches another node image on the same (GPU-less) machines.
 set -euo pipefail
@@ -29,10 +30,13 @@ t0=$(now); .venv/bin/python docker/lab.py up --nodes 2 >.bench-logs/lab.log; t1=
 .venv/bin/deepfleet train --steps 60 --log-every 10 >.bench-logs/train.log; t4=$(now)
 .venv/bin/deepfleet infer --prompt "The lighthouse keeper" --max-new-tokens 32 >.bench-logs/infer.log; t5=$(now)
 size_mb=$(( $(docker image inspect "$image" --format '{{.Size}}') / 1000000 ))
-.venv/bin/python - "$out_dir" "$image" "$size_mb" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" <<'PY'
+result="$out_dir/bench-$(date +%Y%m%d-%H%M%S).json"
+.venv/bin/deepfleet down >/dev/null
+.venv/bin/python docker/lab.py down >/dev/null
+.venv/bin/python - "$result" "$image" "$size_mb" "$t0" "$t1" "$t2" "$t3" "$t4" "$t5" <<'PY'
 import json, re, sys, time
 from pathlib import Path
-out, image, size_mb, t = sys.argv[1], sys.argv[2], int(sys.argv[3]), [float(x) for x in sys.argv[4:]]
+path, image, size_mb, t = Path(sys.argv[1]), sys.argv[2], int(sys.argv[3]), [float(x) for x in sys.argv[4:]]
 up = Path(".bench-logs/up.log").read_text()
 train = Path(".bench-logs/train.log").read_text()
 streams = [float(m) for m in re.findall(r"streamed \d+ MB in [\d.]+s \((\d+) MB/s\)", up)]
@@ -51,8 +55,10 @@ result = {
     "train_loss_first_last": [losses[0], losses[-1]] if losses else None,
     "infer_s (32 tokens, 2 replicas)": round(t[5] - t[4], 1),
 }
-path = Path(out) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
 path.write_text(json.dumps(result, indent=2) + "\n")
 print(json.dumps(result, indent=2))
 print(f"bench: saved {path}")
 PY
+# unlike machines: 3 lab machines at CPU quotas 0.9/0.5/0.3, balanced against an even split
+.venv/bin/python scripts/bench_unlike.py "$result"
+echo "bench: saved $result"

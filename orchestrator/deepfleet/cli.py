@@ -259,7 +259,7 @@ def cmd_train(args) -> int:
                   f"(shown: {tp.config}, the cheapest, which runs when it fits)")  # fmt: skip
         print(jobs.train_dry_run(plan, req, tp.config))
         return 0
-    session = cluster.open_session(store, args.timeout, heal=True)
+    session = cluster.open_session(store, args.timeout, heal=True, refresh=True)
     try:
         jobs.train(session, req)
     finally:
@@ -284,7 +284,9 @@ def cmd_infer(args) -> int:
         extra=args.extra,
         options=_run_options(args),
     )
-    session = cluster.open_session(StateStore(args.state_dir), args.timeout, heal=True)
+    session = cluster.open_session(
+        StateStore(args.state_dir), args.timeout, heal=True, refresh=True
+    )
     try:
         _, records = jobs.infer(session, req)
     finally:

@@ -136,10 +136,16 @@ class Session:
 
 
 def open_session(
-    store: StateStore, timeout: float = 15.0, heal: bool = False, out=sys.stdout
+    store: StateStore,
+    timeout: float = 15.0,
+    heal: bool = False,
+    out=sys.stdout,
+    refresh: bool = False,
 ) -> Session:
     """Connections to every node; with `heal`, node containers that stopped are started
-    again and missing ones made anew (their host keys pinned again everywhere)."""
+    again and missing ones made anew (their host keys pinned again everywhere); with
+    `refresh`, every node's detect report is taken again (a job plans from what the
+    machines have now: a memory limit or a GPU may have changed since `up`)."""
     state = store.load()
     clients, errors = fan_out(
         state.inventory.nodes, lambda n: connect(n, timeout), lambda n: n.name
@@ -149,12 +155,14 @@ def open_session(
             client.close()
         _raise_if(errors)
     session = Session(state, clients)
-    if heal:
-        try:
+    try:
+        if heal:
             heal_containers(session, store, out)
-        except BaseException:
-            session.close()
-            raise
+        if refresh:
+            _collect_reports(state, clients, store)
+    except BaseException:
+        session.close()
+        raise
     return session
 
 
