@@ -254,9 +254,11 @@ def cmd_train(args) -> int:
         )
         print(describe(plan))
         print(trainplan.describe(tp))
-        if req.config == "auto":
-            print("memory: CONFIG=auto is decided at launch from the model's shape "
-                  f"(shown: {tp.config}, the cheapest, which runs when it fits)")  # fmt: skip
+        if trainplan.memory_config(config):
+            # the model's shape is read on the master at launch; a dry run connects nowhere
+            print("memory: checked at launch from the model's shape, which may refuse the "
+                  "job, pick CONFIG=auto's setting (shown: the cheapest) and add --max-micro "
+                  "caps for speed balancing")  # fmt: skip
         print(jobs.train_dry_run(plan, req, tp.config))
         return 0
     session = cluster.open_session(store, args.timeout, heal=True, refresh=True)

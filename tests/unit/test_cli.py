@@ -114,3 +114,33 @@ def test_plan_with_a_model_shape_gives_the_memory_verdict_and_auto_config(tmp_pa
     assert [r["micro_batch"] for r in train["ranks"]] == [2, 2]
     assert cli.main(["plan", "--reports", *files, "--model-info", files[0]]) == 1
     assert "is not modelinfo's JSON" in capsys.readouterr().err
+
+
+def test_train_dry_run_prints_the_split_and_the_launch_a_bridge_job_would_run(tmp_path, capsys):
+    from unitdata import detect_report, inv
+
+    from deepfleet.state import ClusterState, NodeState, StateStore
+
+    gpu = {"index": 0, "vendor": "nvidia", "name": "NVIDIA GeForce RTX 4090",
+           "memory_bytes": 24 << 30, "compute_capability": "8.9", "driver": "580.65"}  # fmt: skip
+    versions = dict(detect_report()["versions"], torch="2.13.0+cu130", cuda="13.0")
+    desk = detect_report(accelerator="cuda", gpu_vendor="nvidia", gpus=[gpu], versions=versions,
+                         torch_arch_list=["sm_89"])  # fmt: skip
+    laptop = detect_report(cpu_count=4)
+    specs = inv("desk", "laptop").nodes
+    state = ClusterState("c0ffee", "deepfleet/cpu:latest", [
+        NodeState(specs[0], "cuda", report=desk), NodeState(specs[1], "cpu", report=laptop),
+    ])  # fmt: skip
+    StateStore(tmp_path).save(state)
+    base = ["--state-dir", str(tmp_path), "train", "--dry-run", "--micro-batch", "3"]
+    assert cli.main(base) == 0
+    out = capsys.readouterr().out
+    assert "laptop       left out: cpu while the job runs on cuda" in out
+    assert "deepspeed --hostfile" in out and "--module deepfleet_node.train" in out
+    assert "micro-batch per rank: desk 3" in out and "--balance speed" in out
+    assert cli.main(base + ["--bridge"]) == 0
+    out = capsys.readouterr().out
+    assert "2 ranks on 2 machine(s), backend gloo, per-rank" in out
+    assert "micro-batch per rank: desk 5, laptop 1" in out
+    assert "--module deepfleet_node.bridge" in out and "--deepspeed-config" not in out
+    assert "--precision auto" in out
