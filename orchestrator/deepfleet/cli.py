@@ -184,24 +184,31 @@ def cmd_plan(args) -> int:
             ),
             None,
         )
-        plan = plan_cluster(
-            inventory, reports_, cpu_slots=args.cpu_slots, slots=_slots(args.slots),
-            backend=args.backend,
-        )  # fmt: skip
+
+        def replan(extra):
+            return plan_cluster(
+                inventory, reports_, cpu_slots=args.cpu_slots,
+                slots={**_slots(args.slots), **extra}, backend=args.backend,
+            )  # fmt: skip
+
     else:
         session = cluster.Session(StateStore(args.state_dir).load(), {})
-        plan = jobrun.job_plan(session, _slots(args.slots), args.backend)
         reports_ = session.state.reports()
+
+        def replan(extra):
+            return jobrun.job_plan(session, {**_slots(args.slots), **extra}, args.backend)
+
+    plan = replan({})
     shape = None
     if args.model_info:
         shape = _model_info(Path(args.model_info))
     tp = trainplan.plan_training(
-        plan, reports_, shape, args.config, args.seq_len, args.micro_batch, args.balance
+        plan, reports_, shape, args.config, args.seq_len, args.micro_batch, args.balance, replan
     )
     if args.json:
-        print(json.dumps({**plan_dict(plan), "train": trainplan.as_dict(tp)}, indent=2))
+        print(json.dumps({**plan_dict(tp.cluster), "train": trainplan.as_dict(tp)}, indent=2))
     else:
-        print(describe(plan))
+        print(describe(tp.cluster))
         print(trainplan.describe(tp))
     return 0
 

@@ -312,8 +312,13 @@ def plan_train(
     shape = model_shape(session, model, local) if trainplan.memory_config(config) else None
     options = train_options(req)
     plan = job_plan(session, req.slots, options.backend, options.mixed)
+
+    def replan(extra: dict[str, int]):
+        return job_plan(session, {**req.slots, **extra}, options.backend, options.mixed)
+
     tp = trainplan.plan_training(
         plan, session.state.reports(), shape, config, req.seq_len, req.micro_batch, req.balance,
+        replan,
     )  # fmt: skip
     out.write(trainplan.describe(tp) + "\n")
     return tp
@@ -337,8 +342,9 @@ def train(session: Session, req: TrainRequest, out=sys.stdout, environ=None) -> 
     if req.data != DEMO:
         data = _push_everywhere(session, req.data, DATA, out)
     args = train_args(req, model, data, tp.cluster.precision, tp.config, tp.caps)
+    slots = {**req.slots, **tp.slots}  # with the machines the memory fit left out
     return run_job(
-        session, train_module(req), args, out, req.slots, secrets, options, checked=True,
+        session, train_module(req), args, out, slots, secrets, options, checked=True,
     )  # fmt: skip
 
 

@@ -10,8 +10,11 @@ the host RAM (the cgroup limit where one is set).
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import cache
+from importlib import resources
 
 from .compat import drivable_gpus
 from .errors import PlanError
@@ -24,8 +27,12 @@ BUFFER_FACTOR = 1.5
 # imported, gloo/NCCL buffers, the tokenized data. Measured on the CPU image: about
 # 0.55 GiB resident per rank (tests/integration/test_unlike.py records it).
 RANK_OVERHEAD = int(0.6 * GIB)
-# A CUDA/ROCm context and the caching allocator's slack on each GPU.
+# A CUDA/ROCm context on each GPU.
 GPU_CONTEXT = int(0.8 * GIB)
+# Freed tensors a process keeps: torch's caching allocator on a GPU, glibc's arenas on a
+# CPU. Measured on the CPU image: a ZeRO-3 rank's resident memory grows ~15 % over its
+# first steps as gathered parameters are freed and allocated again.
+ALLOCATOR_SLACK = 1.15
 # CONFIG=auto tries these, cheapest (least communication) first. zero1 holds more than
 # zero2 and runs no faster, so auto never needs it.
 AUTO_ORDER = ("zero2", "zero3", "zero3-offload")
@@ -171,6 +178,27 @@ def model_states(
     return StateNeed(device, host)
 
 
+@cache
+def zero3_settings(config: str) -> dict:
+    """The shipped config's ZeRO section (deepfleet_node/configs/<config>.json)."""
+    path = resources.files("deepfleet_node") / "configs" / f"{config}.json"
+    return json.loads(path.read_text())["zero_optimization"]
+
+
+def zero3_working_set(shape: ModelShape, config: str, precision: str) -> int:
+    """What ZeRO-3 holds beside its partitions while it computes, which DeepSpeed's estimator
+    leaves out: gathered parameters stay resident up to stage3_max_live_parameters, each
+    with its gradient until the reduce-scatter, plus the prefetch and reduce buckets. For a
+    model under that many parameters this is the whole model again, which is why ZeRO-3
+    saves nothing over ZeRO-2 on a few small machines."""
+    zero = zero3_settings(config)
+    width = 4 if precision == "fp32" else 2
+    live = min(shape.params, int(zero.get("stage3_max_live_parameters", 1e9)))
+    prefetch = min(shape.params, int(zero.get("stage3_prefetch_bucket_size", 5e7)))
+    bucket = min(shape.params, int(zero.get("reduce_bucket_size", 5e8)))
+    return width * (2 * live + prefetch + bucket)
+
+
 def activation_bytes(
     shape: ModelShape, seq_len: int, micro_batch: int, precision: str, checkpointing: bool = False
 ) -> int:
@@ -253,17 +281,19 @@ def machine_fits(
     world = sum(r.slots for r in ranks)
     act = activation_bytes(shape, seq_len, micro_batch, precision, checkpointing)
     fits = []
+    working = zero3_working_set(shape, config, precision) if config.startswith("zero3") else 0
     for rank in ranks:
         states = model_states(shape, config, rank.slots, world, precision)
         report = reports[rank.name]
         room = report.memory_room
         host_need = states.host_per_machine + rank.slots * RANK_OVERHEAD
+        device = int((states.device_per_rank + working + act) * ALLOCATOR_SLACK)
         if rank.accelerator == "cpu":  # the ranks' "device" memory is the same RAM
-            host_need += rank.slots * (states.device_per_rank + act)
+            host_need += rank.slots * device
         else:
             for gpu in drivable_gpus(report)[: rank.slots]:
                 gpu_room = gpu.memory_bytes or 0
-                need = states.device_per_rank + act + GPU_CONTEXT
+                need = device + GPU_CONTEXT
                 fits.append(DeviceFit(rank.name, f"GPU {gpu.index}", need, gpu_room))
         fits.append(DeviceFit(rank.name, "RAM", host_need, room))
     return Verdict(config, micro_batch, tuple(fits))
@@ -364,6 +394,28 @@ def choose_config(
         ]
     least = verdicts[-1]  # the config that needs the least memory
     raise PlanError(refusal(least, tips, shape), least.tightest().machine)
+
+
+def fit_without(
+    shape: ModelShape,
+    ranks: list[Rank],
+    reports: Mapping[str, NodeReport],
+    seq_len: int,
+    micro_batch: int,
+    precision: str,
+) -> tuple[Verdict, list[DeviceFit]] | None:
+    """CONFIG=auto when no config fits every machine: the cheapest config that fits once
+    the machines short of memory sit out, and what each of them lacked; None if none does."""
+    for config in AUTO_ORDER:
+        verdict = machine_fits(shape, config, ranks, reports, seq_len, micro_batch, precision)
+        short = {d.machine for d in verdict.short}
+        rest = [r for r in ranks if r.name not in short]
+        if not rest:
+            continue
+        after = machine_fits(shape, config, rest, reports, seq_len, micro_batch, precision)
+        if after.fits:
+            return after, list(verdict.short)
+    return None
 
 
 def check(

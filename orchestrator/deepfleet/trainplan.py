@@ -8,14 +8,14 @@ is copied or launched. The micro-batches shown per rank are an estimate from the
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 
 from deepfleet_node import balance
 
 from . import memfit
 from .compat import drivable_gpus
-from .plan import CPU_CORE_TFLOPS, DEFAULT_TFLOPS, ClusterPlan, gpu_speed
+from .plan import CPU_CORE_TFLOPS, DEFAULT_TFLOPS, ClusterPlan, LeftOut, gpu_speed
 from .reports import NodeReport
 
 BALANCES = ("speed", "even")
@@ -32,6 +32,7 @@ class TrainPlan:
     verdict: memfit.Verdict | None = None  # None: model unknown or a custom config file
     # per rank, the largest micro-batch its memory holds; None: not known or not needed
     caps: tuple[int, ...] | None = None
+    slots: dict[str, int] = field(default_factory=dict)  # machines the memory fit left out
 
     @property
     def rank_names(self) -> list[str]:
@@ -76,8 +77,33 @@ def plan_training(
     seq_len: int,
     micro_batch: int,
     balance: str = "speed",
+    replan: Callable[[dict[str, int]], ClusterPlan] | None = None,
 ) -> TrainPlan:
-    """Raises PlanError, naming the machine, when the model does not fit."""
+    """Raises PlanError, naming the machine, when the model does not fit.
+
+    With CONFIG=auto a job that fits part of the cluster is not refused: when no config
+    fits every machine, the machines short of memory sit out (replan(slots) gives the
+    cluster plan without them) and each is named with what it lacked."""
+    if shape is not None and config == "auto" and replan is not None:
+        ranks = [memfit.Rank(n.name, n.slots, n.accelerator) for n in cluster.nodes]
+        args = (ranks, reports, seq_len, micro_batch, cluster.precision)
+        if not any(memfit.machine_fits(shape, c, *args).fits for c in memfit.AUTO_ORDER):
+            found = memfit.fit_without(shape, *args)
+            if found is not None:
+                verdict, short = found
+                names = dict.fromkeys(d.machine for d in short)
+                smaller = replan({name: 0 for name in names})
+                left = tuple(
+                    LeftOut(name, "; ".join(d.text() for d in short if d.machine == name)
+                            + " under every ZeRO config", "more memory or a smaller --micro-batch")
+                    for name in names
+                )  # fmt: skip
+                kept = tuple(x for x in smaller.left_out if x.name not in names)  # not "0 slots"
+                smaller = replace(smaller, left_out=kept + left)
+                tp = plan_training(
+                    smaller, reports, shape, verdict.config, seq_len, micro_batch, balance
+                )
+                return replace(tp, slots={name: 0 for name in names})
     verdict = None
     chosen = config
     total = micro_batch * cluster.world_size

@@ -1,8 +1,10 @@
 """Unlike machines on the lab: CPU quotas 0.9/0.5/0.3 and a memory limit on lab3.
 
-- a model whose ZeRO-2 states do not fit lab3's limit is refused before anything is
-  copied, naming lab3 and what would fit; CONFIG=auto then picks ZeRO-3, which loads the
-  weights partitioned and trains to the end inside the limit;
+- a model that does not fit lab3's limit under ZeRO-2 is refused before anything is
+  copied, naming lab3, the need, the room and what would fit; CONFIG=auto then finds no
+  ZeRO stage that fits lab3 (on three small CPU machines ZeRO-3's gathered working set
+  outweighs what its partitions save), leaves lab3 out naming why, and trains to the end
+  on the other two;
 - the speed-balanced split gives the fastest machine the most samples per micro-step;
 - a --bridge job trains across all three machines.
 
@@ -23,8 +25,8 @@ pytestmark = pytest.mark.lab
 GiB = 1 << 30
 CPUS = (0.9, 0.5, 0.3)
 LAB3_MEMORY = int(1.5 * GiB)
-# an 85M-parameter Llama (the demo tokenizer's 512-token vocabulary): ZeRO-2 needs about
-# 1.9 GiB on a one-rank CPU machine, ZeRO-3 over three machines about 1.2 GiB
+# an 85M-parameter Llama (the demo tokenizer's 512-token vocabulary). Measured peaks per
+# rank over three machines: ZeRO-2 1.6 GiB, ZeRO-3 2.3 GiB (memfit: 2.0 and 2.4)
 MEDIUM = dict(hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
               num_attention_heads=12, max_position_embeddings=256)  # fmt: skip
 BUILD = """
@@ -78,7 +80,7 @@ def test_a_model_too_big_for_lab3_is_refused_before_anything_is_copied(unlike, m
     line = result.stderr.strip().splitlines()[-1]
     assert line.startswith("deepfleet: lab3: medium"), line
     assert "does not fit with zero2" in line and "lab3 RAM needs" in line
-    assert "has 1.5 GiB" in line and "CONFIG=zero3" in line
+    assert "has 1.5 GiB" in line and "would fit: SLOTS=lab3=0 (leave lab3 out)" in line
     for index in range(3):
         code, _ = unlike.node_exec(index, ["test", "-e", "/workspace/models/medium"])
         assert code != 0, f"the weights reached {unlike.lab.nodes[index].name}"
@@ -92,16 +94,16 @@ def test_the_saved_plan_shows_the_limits_and_the_estimated_split(unlike):
     assert shares[0] > shares[1] > shares[2] >= 1, shares
 
 
-def test_config_auto_picks_zero3_and_trains_to_the_end_inside_the_limit(unlike, medium):
+def test_config_auto_leaves_lab3_out_and_trains_to_the_end(unlike, medium):
     result = unlike.run(
         "train", "--model", str(medium / "medium"), "--data", str(medium / "train.txt"),
         "--run", "auto", "--steps", "4", "--log-every", "1", "--micro-batch", "1",
         "--config", "auto", timeout=1800,
     )  # fmt: skip
     out = result.stdout
-    assert "memory: fits with zero3" in out, out[-3000:]
-    assert "--deepspeed-config zero3" in out
-    assert "loads full weights" not in out  # ZeRO-3 loaded its partitions only
+    assert "memory: fits with zero2" in out, out[-3000:]
+    assert re.search(r"lab3 +left out: lab3 RAM needs [\d.]+ GiB, has 1\.5 GiB", out), out[-3000:]
+    assert "2 ranks on 2 machine(s)" in out and "--deepspeed-config zero2" in out
     assert [s for s, _ in steps(out)][-1] == 4
     assert "exported" in out
 

@@ -106,12 +106,15 @@ def test_plan_with_a_model_shape_gives_the_memory_verdict_and_auto_config(tmp_pa
     assert cli.main(args + ["--micro-batch", "2", "--seq-len", "128"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("deepfleet: small: m (0.10B params) does not fit with zero2")
-    assert "CONFIG=zero3" in err and len(err.splitlines()) == 1
+    assert "SLOTS=small=0 (leave small out)" in err and len(err.splitlines()) == 1
     auto = args + ["--micro-batch", "2", "--seq-len", "128", "--config", "auto", "--json"]
     assert cli.main(auto) == 0
-    train = json.loads(capsys.readouterr().out)["train"]
-    assert train["config"] == "zero3" and train["memory"]["fits"]
-    assert [r["micro_batch"] for r in train["ranks"]] == [2, 2]
+    plan = json.loads(capsys.readouterr().out)
+    train = plan["train"]
+    assert train["config"] == "zero2" and train["memory"]["fits"]
+    assert [r["machine"] for r in train["ranks"]] == ["big"]
+    (out,) = plan["left_out"]
+    assert out["name"] == "small" and "small RAM needs" in out["reason"]
     assert cli.main(["plan", "--reports", *files, "--model-info", files[0]]) == 1
     assert "is not modelinfo's JSON" in capsys.readouterr().err
 
