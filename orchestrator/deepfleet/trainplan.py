@@ -140,6 +140,9 @@ def describe(tp: TrainPlan) -> str:
     ]
     if tp.verdict is not None:
         lines.append(memfit.describe(tp.verdict))
+    for out in tp.cluster.left_out:
+        if out.name in tp.slots:  # the memory fit's own: the job's plan line lacks the why
+            lines.append(f"  {out.name:<12} left out: {out.reason}; to use it: {out.override}")
     if tp.caps is not None:
         caps = ", ".join(f"{name} {cap}" for name, cap in zip(names, tp.caps, strict=True))
         lines.append(f"memory: the most a rank's memory holds per micro-step: {caps}")

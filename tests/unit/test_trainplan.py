@@ -107,6 +107,7 @@ def test_config_auto_picks_the_cheapest_setting_that_fits_every_machine():
     assert [n.name for n in tp.cluster.nodes] == ["dgx"]
     (out,) = [x for x in tp.cluster.left_out if x.name == "desk"]
     assert out.reason.startswith("desk GPU 0 needs") and "under every ZeRO config" in out.reason
+    assert "  desk         left out: desk GPU 0 needs" in trainplan.describe(tp)
     # without a way to re-plan (an explicit config), the same job is refused naming desk
     with pytest.raises(PlanError, match="^Llama-2-7B .* does not fit with zero3-offload"):
         trainplan.plan_training(cluster, reports, LLAMA2_7B, "auto", 512, 1)
