@@ -437,21 +437,35 @@ def model_inputs(batch: dict, device) -> dict:
     return {k: batch[k].to(device) for k in ("input_ids", "attention_mask")}
 
 
+# Calibration and rebalancing time at least this long: a machine's sustained speed, not a
+# burst. A CPU quota (a container's --cpus, a lab machine's LAB_CPUS) lets a short burst
+# run at full speed and throttles only over its 100 ms periods; so does a GPU's clock.
+SUSTAINED_S = 1.0
+MAX_PASSES = 200
+
+
+def sustained(run_once) -> float:
+    """Mean seconds per call of run_once over at least SUSTAINED_S (one untimed warm-up)."""
+    run_once()
+    passes, began = 0, time.perf_counter()
+    while passes < 2 or (time.perf_counter() - began < SUSTAINED_S and passes < MAX_PASSES):
+        run_once()
+        passes += 1
+    return (time.perf_counter() - began) / passes
+
+
 def calibrate(forward, model, batch: dict, device) -> float:
-    """Seconds per sample of forward + backward on this rank: one untimed warm-up pass,
-    then the faster of two timed ones (noise only ever adds time). forward(**inputs)
-    returns logits; the gradients are dropped afterwards."""
+    """Seconds per sample of forward + backward on this rank, sustained (see SUSTAINED_S).
+    forward(**inputs) returns logits; the gradients are dropped afterwards."""
     inputs, labels = model_inputs(batch, device), batch["labels"].to(device)
-    times = []
-    for attempt in range(3):
-        synchronize(device)
-        began = time.perf_counter()
+
+    def once():
         token_loss_sum(forward(**inputs), labels).backward()
         synchronize(device)
-        if attempt:
-            times.append(time.perf_counter() - began)
+
+    seconds = sustained(once)
     model.zero_grad(set_to_none=True)
-    return min(times) / labels.shape[0]
+    return seconds / labels.shape[0]
 
 
 PROBE_TOKENS = 1024
@@ -482,15 +496,12 @@ def probe_seconds(config, dtype, device) -> float:
     w = (torch.randn(hidden, inner, generator=generator) / hidden**0.5).to(device, dtype)
     x.requires_grad_(True)
     w.requires_grad_(True)
-    times = []
-    for attempt in range(3):
-        synchronize(device)
-        began = time.perf_counter()
+
+    def once():
         (x @ w).float().square().mean().backward()
         synchronize(device)
-        if attempt:
-            times.append(time.perf_counter() - began)
-    return min(times) / PROBE_TOKENS
+
+    return sustained(once) / PROBE_TOKENS
 
 
 @dataclass
@@ -555,6 +566,18 @@ def rebalance(run: Run, done: int) -> None:
     """Re-split from the all-gathered forward timings; every rank decides alike."""
     b = run.balancer
     seconds = gather_floats(b.seconds / max(b.samples, 1), run.comm_device)
+    timed = gather_floats(b.seconds, run.comm_device)
+    if min(timed) < SUSTAINED_S:  # bursts, not sustained speed: keep the calibration's split
+        say(
+            balance.describe(
+                run.stream.shares,
+                None,
+                f"kept: steps {b.first + 1}-{done} held "
+                f"{min(timed):.2f} s of forward passes, under {SUSTAINED_S:.0f} s",
+            )
+        )
+        run.balancer = Balancer()
+        return
     speeds = balance.speeds_from_seconds(seconds)
     proposed = balance.shares_from_speeds(speeds, run.stream.global_batch, run.args.max_micro)
     source = f"from the forward passes of steps {b.first + 1}-{done}"
