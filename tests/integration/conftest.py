@@ -59,3 +59,9 @@ def cluster(lab, tmp_path_factory) -> Cluster:
     yield c
     if state_dir.exists():
         c.run("down", check=False)
+
+
+def pytest_collection_modifyitems(config, items):
+    """test_teardown.py takes the session cluster down: whatever sorts after it runs first."""
+    last = [item for item in items if item.path.name == "test_teardown.py"]
+    items[:] = [item for item in items if item not in last] + last
