@@ -266,7 +266,7 @@ def cmd_train(args) -> int:
             print("memory: checked at launch from the model's shape, which may refuse the "
                   "job, pick CONFIG=auto's setting (shown: the cheapest) and add --max-micro "
                   "caps for speed balancing")  # fmt: skip
-        print(jobs.train_dry_run(plan, req, tp.config))
+        print(jobs.train_dry_run(plan, req, tp.config, session.master))
         return 0
     session = cluster.open_session(store, args.timeout, heal=True, refresh=True)
     try:

@@ -126,7 +126,7 @@ def run_job(
     # the planned nodes, and the master: the launcher runs there even when it has no slot
     containers = {name: every[name] for name in [master, *(n.name for n in plan.nodes)]}
     write_launch_files(session, plan, options)
-    spec = launch.launch_spec(plan, module, args)
+    spec = launch.launch_spec(plan, module, args, master)
     out.write(f"deepfleet: {spec.shell()}\n")
 
     stopped: list[str] = []  # the first fault stops the job; what it sets off is its echo

@@ -348,7 +348,9 @@ def train(session: Session, req: TrainRequest, out=sys.stdout, environ=None) -> 
     )  # fmt: skip
 
 
-def train_dry_run(session_plan, req: TrainRequest, config: str | None = None) -> str:
+def train_dry_run(
+    session_plan, req: TrainRequest, config: str | None = None, launcher: str | None = None
+) -> str:
     model = (
         DEMO_MODEL
         if req.model == DEMO
@@ -360,7 +362,7 @@ def train_dry_run(session_plan, req: TrainRequest, config: str | None = None) ->
     )
     data = f"{DEMO_DATA}/train.txt" if req.data == DEMO else _in_container_path(req.data, DATA)
     args = train_args(req, model, data, session_plan.precision, config)
-    return launch.launch_spec(session_plan, train_module(req), args).shell()
+    return launch.launch_spec(session_plan, train_module(req), args, launcher).shell()
 
 
 def _prompt_records(req: InferRequest) -> bytes:

@@ -61,10 +61,22 @@ def include_filter(plan: ClusterPlan) -> tuple[str, ...]:
     return ("--include", "@".join(parts))
 
 
-def launcher_argv(plan: ClusterPlan, module: str, args: Sequence[str]) -> tuple[str, ...]:
+def remote_only(plan: ClusterPlan, launcher_node: str | None) -> tuple[str, ...]:
+    """DeepSpeed runs a one-host hostfile on the launching machine itself, whatever host it
+    names; when that host is another machine (the master has 0 slots), force the ssh
+    launch so the ranks start where the plan puts them."""
+    if launcher_node is not None and len(plan.nodes) == 1 and plan.master.name != launcher_node:
+        return ("--force_multi",)
+    return ()
+
+
+def launcher_argv(
+    plan: ClusterPlan, module: str, args: Sequence[str], launcher_node: str | None = None
+) -> tuple[str, ...]:
     return (
         "deepspeed",
         "--hostfile", HOSTFILE,
+        *remote_only(plan, launcher_node),
         *include_filter(plan),
         "--ssh_port", str(plan.ssh_port),
         "--master_addr", plan.master_addr,
@@ -74,8 +86,11 @@ def launcher_argv(plan: ClusterPlan, module: str, args: Sequence[str]) -> tuple[
     )  # fmt: skip
 
 
-def launch_spec(plan: ClusterPlan, module: str, args: Sequence[str]) -> LaunchSpec:
-    return LaunchSpec(argv=launcher_argv(plan, module, args))
+def launch_spec(
+    plan: ClusterPlan, module: str, args: Sequence[str], launcher_node: str | None = None
+) -> LaunchSpec:
+    """launcher_node: the machine whose container runs the launcher (the cluster's master)."""
+    return LaunchSpec(argv=launcher_argv(plan, module, args, launcher_node))
 
 
 class LinePrefixer:

@@ -257,3 +257,14 @@ def test_speed_balance_never_hands_a_machine_more_than_its_memory_holds():
     over = memfit.machine_fits(medium, "zero2", ranks, reports, 256, tp.caps[0] + 1, "fp32")
     assert at_cap.devices[0].fits and not over.devices[0].fits
     assert "the most a rank's memory holds per micro-step: fast" in trainplan.describe(tp)
+
+
+def test_a_job_on_one_machine_that_is_not_the_launchers_is_launched_over_ssh():
+    reports = {"a": rep(), "b": rep()}
+    alone = plan_cluster(inv("a", "b"), reports, slots={"a": 0})
+    argv = launcher_argv(alone, "deepfleet_node.train", [], launcher_node="a")
+    assert "--force_multi" in argv  # DeepSpeed would run a one-host file on `a` itself
+    both = plan_cluster(inv("a", "b"), reports)
+    assert "--force_multi" not in launcher_argv(both, "m", [], launcher_node="a")
+    on_a = plan_cluster(inv("a", "b"), reports, slots={"b": 0})
+    assert "--force_multi" not in launcher_argv(on_a, "m", [], launcher_node="a")
