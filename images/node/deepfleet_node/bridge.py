@@ -273,7 +273,6 @@ def main(argv: list[str] | None = None) -> None:
     rank, world = init_gloo(args.local_rank)
 
     import torch
-    import torch.distributed as dist
     from transformers import AutoTokenizer, set_seed
 
     from .data import BatchStream
@@ -330,19 +329,7 @@ def main(argv: list[str] | None = None) -> None:
     say(balance_line)
 
     run = train.Run(engine, stream, args, ga, steps, device, out, world, comm_device=host)
-    start = train.resume(engine, run.ckpt_dir) if args.resume else 0
-    run.balancer = train.make_balancer(args, world, 0, start, steps)
-    if rank == 0:
-        train.drop_metrics_after(out / "metrics.jsonl", start)
-    if start >= steps:
-        say(f"checkpoint is at step {start}, --steps is {steps}: nothing left to train")
-    else:
-        say(f"final loss {train.train_loop(run, start, rank):.4f}")
-    final_dir = out / "final"
-    train.export_final(engine, tokenizer, final_dir, rank)
-    say(f"exported {final_dir}")
-    dist.barrier()
-    dist.destroy_process_group()
+    train.run_to_end(run, tokenizer, rank, 0)
 
 
 if __name__ == "__main__":

@@ -866,12 +866,31 @@ def measure_speed(model, stream, stage: int, device) -> float:
     return calibrate(lambda **inputs: model(**inputs).logits, model, stream.batch(0), device)
 
 
+def run_to_end(run: Run, tokenizer, rank: int, stage: int) -> None:
+    """Resume if asked, train the steps left, export, and leave the process group: the
+    same for the DeepSpeed engine and the bridge's (`stage` picks what may rebalance)."""
+    import torch.distributed as dist
+
+    start = resume(run.engine, run.ckpt_dir) if run.args.resume else 0
+    run.balancer = make_balancer(run.args, run.world, stage, start, run.total)
+    if rank == 0:
+        drop_metrics_after(run.out / "metrics.jsonl", start)
+    if start >= run.total:
+        say(f"checkpoint is at step {start}, --steps is {run.total}: nothing left to train")
+    else:
+        say(f"final loss {train_loop(run, start, rank):.4f}")
+    final_dir = run.out / "final"
+    export_final(run.engine, tokenizer, final_dir, rank)
+    say(f"exported {final_dir}")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     rank, world, device_type = init_distributed(args.local_rank)
 
     import deepspeed
-    import torch.distributed as dist
     from transformers import AutoTokenizer, set_seed
 
     from .data import BatchStream
@@ -909,19 +928,7 @@ def main(argv: list[str] | None = None) -> None:
     say(balance_line)
 
     run = Run(engine, stream, args, ga, steps, engine.device, out, world)
-    start = resume(engine, run.ckpt_dir) if args.resume else 0
-    run.balancer = make_balancer(args, world, stage, start, steps)
-    if rank == 0:
-        drop_metrics_after(out / "metrics.jsonl", start)
-    if start >= steps:
-        say(f"checkpoint is at step {start}, --steps is {steps}: nothing left to train")
-    else:
-        say(f"final loss {train_loop(run, start, rank):.4f}")
-    final_dir = out / "final"
-    export_final(engine, tokenizer, final_dir, rank)
-    say(f"exported {final_dir}")
-    dist.barrier()
-    dist.destroy_process_group()
+    run_to_end(run, tokenizer, rank, stage)
 
 
 if __name__ == "__main__":
