@@ -281,17 +281,26 @@ def model_shape(session: Session, model: str, local: bool):
         transfer.put_files(
             session.container(master), where, {"config.json": (config, 0o644)}, master
         )
-    code, output = session.container(master).exec_run(
-        ["python", "-m", "deepfleet_node.modelinfo", "--model", where], demux=True,
-        environment={"HF_HUB_OFFLINE": "1"},
+    info, why = modelinfo(session, where, {"HF_HUB_OFFLINE": "1"})
+    if info is None:
+        raise DeepfleetError(f"cannot read the shape of {model}: {why}", master)
+    name = Path(model).name if local or model.startswith("/") else model
+    return memfit.ModelShape.from_info(info, name=name)
+
+
+def modelinfo(session: Session, model: str, env: dict | None = None) -> tuple[dict | None, str]:
+    """`python -m deepfleet_node.modelinfo` on the master: (its JSON, "") or (None, why)."""
+    code, output = session.container(session.master).exec_run(
+        ["python", "-m", "deepfleet_node.modelinfo", "--model", model], demux=True,
+        environment=env,
     )  # fmt: skip
     if code != 0:
-        why = (output[1] or b"").decode(errors="replace").strip().splitlines()
-        raise DeepfleetError(
-            f"cannot read the shape of {model}: {why[-1] if why else code}", master
-        )
-    name = Path(model).name if local or model.startswith("/") else model
-    return memfit.ModelShape.from_info(json.loads(output[0].decode()), name=name)
+        lines = (output[1] or b"").decode(errors="replace").strip().splitlines()
+        return None, lines[-1] if lines else f"exit code {code}"
+    try:
+        return json.loads((output[0] or b"").decode()), ""
+    except ValueError:
+        return None, "modelinfo printed no JSON"
 
 
 def train_module(req: TrainRequest) -> str:
@@ -415,15 +424,10 @@ def infer(
 
 def model_bytes(session: Session, model: str) -> int | None:
     """Weights size from the model's config alone (read on the master, no weights loaded)."""
-    master = session.master
-    code, output = session.container(master).exec_run(
-        ["python", "-m", "deepfleet_node.modelinfo", "--model", model], demux=True
-    )
-    if code != 0:
-        return None
+    info, _ = modelinfo(session, model)
     try:
-        return int(json.loads(output[0].decode())["weights_bytes"])
-    except (ValueError, KeyError, TypeError, AttributeError):
+        return int(info["weights_bytes"])
+    except (KeyError, TypeError, ValueError):
         return None
 
 
