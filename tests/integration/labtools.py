@@ -82,6 +82,11 @@ class Cluster:
         return result.returncode, result.stdout + result.stderr
 
 
+def lab_index(node) -> int:
+    """The lab's own number of a machine: deepfleet-lab-3 -> 3 (what set_limits takes)."""
+    return int(node.container.rsplit("-", 1)[1])
+
+
 def steps(text: str) -> list[tuple[int, float]]:
     return [
         (int(m.group(2)), float(m.group(4))) for m in map(STEP_RE.match, text.splitlines()) if m

@@ -12,7 +12,7 @@ import subprocess
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from labtools import cpu_share, lab_module, oom_kills
+from labtools import cpu_share, lab_index, lab_module, oom_kills
 
 from deepfleet import reports
 
@@ -21,10 +21,6 @@ pytestmark = pytest.mark.lab
 GiB = 1 << 30
 # machine index (0-based, as cluster.node_exec takes it) -> (cores, memory limit)
 LIMITS = {1: (0.5, 3 * GiB), 2: (0.3, 2 * GiB)}
-
-
-def lab_index(node) -> int:
-    return int(node.container.rsplit("-", 1)[1])  # deepfleet-lab-3 -> 3
 
 
 def clear_all(cluster) -> None:

@@ -18,7 +18,7 @@ import re
 import subprocess
 
 import pytest
-from labtools import lab_module, steps
+from labtools import lab_index, lab_module, steps
 
 pytestmark = pytest.mark.lab
 
@@ -40,10 +40,6 @@ config = LlamaConfig(vocab_size=len(tok), bos_token_id=tok.bos_token_id,
 LlamaForCausalLM(config).save_pretrained("/out/medium")
 tok.save_pretrained("/out/medium")
 """
-
-
-def lab_index(node) -> int:
-    return int(node.container.rsplit("-", 1)[1])
 
 
 @pytest.fixture(scope="module")
