@@ -27,6 +27,9 @@ TORCH_LABELS = {"cpu": "cpu", "cuda": "cu", "rocm": "rocm"}
 DEFAULT_CA_DIR = Path("/usr/local/share/ca-certificates")
 
 
+RELAY_TAG = "deepfleet/relay:latest"  # the image relay (relay.py)
+
+
 def image_tag(flavor: str) -> str:
     return f"deepfleet/{flavor}:latest"
 
@@ -109,18 +112,37 @@ def build(client, req: BuildRequest, out=sys.stdout) -> str:
     if req.flavor not in FLAVORS:
         raise ImageError(f"unknown flavor {req.flavor!r}; choose one of {', '.join(FLAVORS)}")
     root = images_dir()
-    dockerfile = root / f"Dockerfile.{req.flavor}"
-    if not dockerfile.is_file():
-        raise ImageError(f"{dockerfile} is missing")
     if req.resolved_base() == LOCAL_BASE:
         ensure_local_base(root)
     stage_context(req, root)
     args = build_args(req, read_manifest(root / "versions.env"))
+    return _run_build(client, root, f"Dockerfile.{req.flavor}", req.resolved_tag(), args, out)
+
+
+def build_relay(client, base_image: str = "local", out=sys.stdout) -> str:
+    """The image relay's own small image (images/Dockerfile.relay), from the same base."""
+    root = images_dir()
+    req = BuildRequest(flavor="cpu", base_image=base_image)
+    base = req.resolved_base()
+    if base == LOCAL_BASE:
+        ensure_local_base(root)
+    stage_context(BuildRequest(wheelhouse=None), root)
+    manifest = read_manifest(root / "versions.env")
+    args = {
+        "BUSYBOX_VERSION": manifest["BUSYBOX_VERSION"],
+        **({"BASE_IMAGE": base} if base else {}),
+    }
+    return _run_build(client, root, "Dockerfile.relay", RELAY_TAG, args, out)
+
+
+def _run_build(client, root: Path, dockerfile: str, tag: str, args: dict, out) -> str:
+    if not (root / dockerfile).is_file():
+        raise ImageError(f"{root / dockerfile} is missing")
     image_id = None
     stream = client.api.build(
         path=str(root),
-        dockerfile=dockerfile.name,
-        tag=req.resolved_tag(),
+        dockerfile=dockerfile,
+        tag=tag,
         buildargs=args,
         rm=True,
         forcerm=True,
@@ -133,7 +155,7 @@ def build(client, req: BuildRequest, out=sys.stdout) -> str:
         if "aux" in chunk and "ID" in chunk["aux"]:
             image_id = chunk["aux"]["ID"]
         if "error" in chunk:
-            raise ImageError(f"building {req.resolved_tag()} failed: {chunk['error'].strip()}")
+            raise ImageError(f"building {tag} failed: {chunk['error'].strip()}")
     if image_id is None:
-        image_id = client.images.get(req.resolved_tag()).id
+        image_id = client.images.get(tag).id
     return image_id

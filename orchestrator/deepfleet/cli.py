@@ -9,8 +9,8 @@ import signal
 import sys
 from pathlib import Path
 
-from . import cluster, doctor, jobrun, jobs, launch, memfit, reports, trainplan
-from .build import BuildRequest, build
+from . import cluster, doctor, jobrun, jobs, launch, memfit, relay, reports, trainplan
+from .build import BuildRequest, build, build_relay
 from .connect import DEFAULT_STALL, STALL_ENV, first_line
 from .errors import DeepfleetError, Interrupted, JobError, raise_interrupted
 from .inventory import DEFAULT_SSH_CONFIG, Inventory, NodeSpec, resolve
@@ -46,6 +46,8 @@ def cmd_up(args) -> int:
         slots=_slots(args.slots),
         pull=args.pull,
         timeout=args.timeout,
+        use_relay=args.use_relay,
+        relay_port=args.relay_port,
     )
     if args.dry_run:
         print(cluster.dry_run(inventory, opts))
@@ -346,6 +348,8 @@ def cmd_build(args) -> int:
     client = docker.from_env(timeout=3600)
     image_id = build(client, req)
     print(f"deepfleet: built {req.resolved_tag()} ({image_id[:19]})")
+    relay_id = build_relay(client, args.base_image)
+    print(f"deepfleet: built {relay.RELAY_IMAGE} ({relay_id[:19]}), the image relay")
     return 0
 
 
@@ -370,6 +374,14 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("--cpu-slots", type=int, default=1, help="processes per CPU-only node")
     up.add_argument("--slots", action="append", default=[], metavar="NODE=N")
     up.add_argument("--pull", choices=("auto", "always", "never"), default="auto")
+    up.add_argument(
+        "--no-relay", dest="use_relay", action="store_false",
+        help="stream the image from here to each machine instead of machine to machine",
+    )  # fmt: skip
+    up.add_argument(
+        "--relay-port", type=int, default=relay.RELAY_PORT,
+        help="the port each machine listens on for the image from the one before it",
+    )  # fmt: skip
     up.add_argument("--dry-run", action="store_true", help="print the container specs only")
     up.set_defaults(func=cmd_up, json=False)
 

@@ -14,7 +14,19 @@ from pathlib import Path
 
 import docker
 
-from . import compose, containers, hostfile, hostprobe, images, keys, reports, transfer
+from . import (
+    compose,
+    containers,
+    fanout,
+    hostfile,
+    hostprobe,
+    images,
+    keys,
+    progress,
+    relay,
+    reports,
+    transfer,
+)
 from .connect import connect, fan_out, run_host
 from .errors import ContainerError, DeepfleetError, PlanError
 from .inventory import Inventory, NodeSpec
@@ -53,6 +65,8 @@ class UpOptions:
     slots: dict[str, int] = field(default_factory=dict)
     pull: str = "auto"
     timeout: float = 15.0
+    use_relay: bool = True  # machines pass the image on to each other (relay.py)
+    relay_port: int = relay.RELAY_PORT
 
 
 def image_for(flavor: str, opts: UpOptions) -> str:
@@ -330,19 +344,41 @@ def _local_labels(ref: str) -> dict[str, str]:
 def _put_images(state: ClusterState, clients: dict, opts: UpOptions, out) -> None:
     local = docker.from_env(timeout=600)
     try:
-        by_name = {n.spec.name: n for n in state.nodes}
-
-        def put(node: NodeState):
-            ref = image_for(node.flavor, opts)
-            return images.ensure_image(
-                local, clients[node.spec.name], ref, node.spec.name, opts.pull
-            )
-
-        results, errors = fan_out(state.nodes, put, lambda n: n.spec.name)
+        refs = {n.spec.name: image_for(n.flavor, opts) for n in state.nodes}
+        have, errors = fan_out(
+            state.nodes, lambda n: images.node_image_id(clients[n.spec.name], refs[n.spec.name]),
+            lambda n: n.spec.name,
+        )  # fmt: skip
         _raise_if(errors)
-        for name, result in results.items():
+        plan = fanout.plan_images(
+            refs,
+            {ref: images.local_image_id(local, ref) for ref in set(refs.values())},
+            have,
+            {n.spec.name: n.spec.host for n in state.nodes},
+            opts.pull,
+            relay_ready=images.local_image_id(local, relay.RELAY_IMAGE) is not None,
+            use_relay=opts.use_relay,
+            port=opts.relay_port,
+        )
+        if plan.chains or plan.notes:
+            _log(out, plan.describe())
+        board = progress.Board(out)
+        try:
+            outcome = fanout.put_images(local, clients, plan, lambda line: _log(out, line), board)
+        finally:
+            board.close()
+        _raise_if(outcome.errors)
+        by_name = {n.spec.name: n for n in state.nodes}
+        for name, result in outcome.results.items():
             by_name[name].image_id = result.image_id
             _log(out, f"[{name}] image {result.describe()}")
+        if outcome.sent_here:
+            moved = sum(r.bytes_received or r.bytes_sent for r in outcome.results.values())
+            _log(
+                out,
+                f"deepfleet: images: {outcome.sent_here / 1e6:.0f} MB sent from here, "
+                f"{moved / 1e6:.0f} MB received by the machines",
+            )
     finally:
         local.close()
 

@@ -137,6 +137,13 @@ class PinnedSSHAdapter(SSHHTTPAdapter):
         code = stdout.channel.recv_exit_status()
         return code, out.decode(errors="replace"), err.decode(errors="replace")
 
+    def host_channel(self, command: str) -> paramiko.Channel:
+        """A long-running shell command on the node's host: its stdin, stdout and stderr
+        are the channel's, read and written as the caller goes."""
+        channel = self._open_channel()
+        channel.exec_command(command)
+        return channel
+
     def get_connection(self, url, proxies=None):
         with self.pools.lock:
             pool = self.pools.get(url)
@@ -214,6 +221,11 @@ def connect(node: NodeSpec, timeout: float = 15.0) -> docker.DockerClient:
 def run_host(client: docker.DockerClient, command: str, timeout: float = 20.0):
     """(exit code, stdout, stderr) of a shell command on the node's host."""
     return client.api._custom_adapter.run_host(command, timeout)
+
+
+def host_channel(client: docker.DockerClient, command: str) -> paramiko.Channel:
+    """An SSH channel running `command` on the node's host (see PinnedSSHAdapter)."""
+    return client.api._custom_adapter.host_channel(command)
 
 
 def _vkey(v: str) -> tuple[int, ...]:

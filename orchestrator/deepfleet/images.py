@@ -41,12 +41,18 @@ class LoadStalled(ImageError):
 @dataclass(frozen=True)
 class ImageResult:
     node: str
-    action: str  # present | pulled | streamed
+    action: str  # present | pulled | streamed | relayed
     image_id: str
     seconds: float
-    bytes_sent: int = 0
+    bytes_sent: int = 0  # from this machine
+    bytes_received: int = 0  # by the node, when it came through a relay
+    route: str = ""  # the relay chain
 
     def describe(self) -> str:
+        if self.action == "relayed":
+            mb = self.bytes_received / 1e6
+            rate = mb / self.seconds if self.seconds else 0.0
+            return f"relayed {mb:.0f} MB in {self.seconds:.1f}s ({rate:.0f} MB/s; {self.route})"
         if self.action == "streamed":
             mb = self.bytes_sent / 1e6
             rate = mb / self.seconds if self.seconds else 0.0
@@ -81,7 +87,7 @@ def local_labels(local, ref: str) -> dict[str, str]:
         return {}
 
 
-def _node_image_id(client, ref: str) -> str | None:
+def node_image_id(client, ref: str) -> str | None:
     try:
         return client.images.get(ref).id
     except ImageNotFound:
@@ -173,42 +179,50 @@ def _file_chunks(path: Path) -> Iterator[bytes]:
 class _Counter:
     """Wraps docker save's chunk stream to count what crosses the wire."""
 
-    def __init__(self, chunks):
+    def __init__(self, chunks, bar=None):
         self.chunks = chunks
         self.sent = 0
+        self.bar = bar
 
     def __iter__(self):
         for chunk in self.chunks:
             self.sent += len(chunk)
+            if self.bar is not None:
+                self.bar.update_to(self.sent)
             yield chunk
 
 
-def stream_image(local, client, ref: str, node: str, image_id: str) -> int:
+def held_layers(archive: Path, held: set[str]) -> set[str]:
+    """The archive's layer directories whose chain IDs are in `held` (not to be sent)."""
+    return {directory for directory, chain in layer_plan(archive) if chain in held}
+
+
+def stream_image(local, client, ref: str, node: str, image_id: str, board=None) -> int:
     stall = stall_timeout()
     archive = saved_image(local, ref, image_id)
-    held = node_chains(client)
-    skip = {directory for directory, chain in layer_plan(archive) if chain in held}
+    skip = held_layers(archive, node_chains(client))
     if skip:
         delta = delta_archive(archive, skip)
         try:
-            return _load(client, delta, ref, node, stall)
+            return _load(client, delta, ref, node, stall, board)
         except LoadStalled:
             raise
         except ImageError:
             pass  # an engine that wants every layer (containerd image store): send them all
         finally:
             delta.unlink(missing_ok=True)
-    return _load(client, archive, ref, node, stall)
+    return _load(client, archive, ref, node, stall, board)
 
 
-def _load(client, archive: Path, ref: str, node: str, stall: float) -> int:
+def _load(client, archive: Path, ref: str, node: str, stall: float, board=None) -> int:
     """`docker load` with a progress-based timeout instead of a fixed one.
 
     Asked with quiet=false the engine reports each layer as it unpacks it, so every read
     of the reply waits at most `stall` seconds for the next report, however large the
     image or slow the disk; the upload's writes are bounded the same way.
     """
-    counter = _Counter(_file_chunks(archive))
+    bar = board.bar(f"[{node}] image", archive.stat().st_size) if board is not None else None
+    counter = _Counter(_file_chunks(archive), bar)
     api = client.api
     started = time.monotonic()
     try:
@@ -229,20 +243,23 @@ def _load(client, archive: Path, ref: str, node: str, stall: float) -> int:
             "is the machine's disk full or its engine stuck? (--stall-timeout to wait longer)",
             node,
         ) from exc
+    finally:
+        if bar is not None:
+            bar.close()
     return counter.sent
 
 
-def ensure_image(local, client, ref: str, node: str, pull: str = "auto") -> ImageResult:
+def ensure_image(local, client, ref: str, node: str, pull: str = "auto", board=None) -> ImageResult:
     """Make `ref` present on the node's engine with the operator's image ID."""
     start = time.monotonic()
     want = local_image_id(local, ref) if local is not None else None
-    have = _node_image_id(client, ref)
+    have = node_image_id(client, ref)
     if have and (want is None or have == want):
         return ImageResult(node, "present", have, time.monotonic() - start)
     if pull == "always" or (pull == "auto" and names_registry(ref)):
         try:
             client.images.pull(ref)
-            got = _node_image_id(client, ref)
+            got = node_image_id(client, ref)
             if got and (want is None or got == want):
                 return ImageResult(node, "pulled", got, time.monotonic() - start)
         except APIError as exc:
@@ -254,8 +271,8 @@ def ensure_image(local, client, ref: str, node: str, pull: str = "auto") -> Imag
             f"(build it with `make images`)",
             node,
         )
-    sent = stream_image(local, client, ref, node, want)
-    got = _node_image_id(client, ref)
+    sent = stream_image(local, client, ref, node, want, board)
+    got = node_image_id(client, ref)
     if got != want:
         raise ImageError(f"after streaming, {ref} is {got} on the node, not {want}", node)
     return ImageResult(node, "streamed", got, time.monotonic() - start, sent)

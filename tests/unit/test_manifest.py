@@ -217,11 +217,17 @@ def test_dockerfile_declares_every_package_version(flavor):
 def test_every_version_key_reaches_a_dockerfile(manifest):
     declared = {
         args.partition("=")[0]
-        for flavor in FLAVORS
+        for flavor in (*FLAVORS, "relay")
         for word, args in instructions(dockerfile_text(flavor))
         if word == "ARG"
     }
     assert {k for k in manifest if k.endswith("_VERSION")} <= declared
+
+
+def test_the_relay_image_takes_its_busybox_from_the_manifest(manifest):
+    text = dockerfile_text("relay")
+    assert "ARG BUSYBOX_VERSION" in text and '"busybox-static=${BUSYBOX_VERSION}"' in text
+    assert version_literals(text, manifest) == []
 
 
 @pytest.mark.parametrize("path", COMMON_FILES)
