@@ -49,9 +49,11 @@ images: setup
 	$(DF) build-image --flavor $(FLAVOR) --base-image $(BASE_IMAGE)
 
 # LAB_CPUS="0.9 0.5 0.3" LAB_MEM="6g 4g 2g": each machine's CPU quota and memory limit
+# LAB_LINK=200mbit: each machine's link (and the operator's) capped, as on a real LAN
 lab-up: setup
 	$(VENV)/bin/python docker/lab.py up --nodes $(LAB_NODES) --base-image $(BASE_IMAGE) \
-	  $(if $(LAB_CPUS),--cpus "$(LAB_CPUS)") $(if $(LAB_MEM),--mem "$(LAB_MEM)")
+	  $(if $(LAB_CPUS),--cpus "$(LAB_CPUS)") $(if $(LAB_MEM),--mem "$(LAB_MEM)") \
+	  $(if $(LAB_LINK),--link "$(LAB_LINK)")
 
 lab-down: venv
 	$(VENV)/bin/python docker/lab.py down

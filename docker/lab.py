@@ -2,6 +2,7 @@
 
     python docker/lab.py up --nodes 2     # writes .lab/ssh_config, .lab/known_hosts, .lab/nodes
     python docker/lab.py up --nodes 3 --cpus "0.9 0.5 0.3" --mem "6g 4g 2g"
+    python docker/lab.py up --nodes 4 --link 200mbit
     python docker/lab.py down
 
 Unlike machines: --cpus (cores, a CFS quota) and --mem (bytes, or 512m, 6g: binary units
@@ -10,6 +11,10 @@ for all, `max` for none. They sit on the cgroup parent of that machine's engine
 (/deepfleet-lab-N, see lab/entrypoint.sh), so they bound every container deepfleet starts
 there, without swap to spill into, and node containers see them (detect reports
 cpu_quota and memory_limit_bytes). set_limits() changes them on a running lab.
+
+Shaped links: --link 200mbit caps what each machine sends and receives, and what this
+machine (the operator) sends to them, with tc on the lab's own interfaces, so transfer
+figures measure a LAN's links rather than the two CPUs the machines share.
 
 Everything it makes carries the label deepfleet.lab=1 and is removed by `down`, which
 `up` also runs first so a crashed earlier run leaves nothing behind. The operator reaches
@@ -349,6 +354,71 @@ def write_compose_override(lab_dir: Path, cpu_hierarchy: str | None = None) -> N
     (lab_dir / "compose.override.yml").write_text(text)
 
 
+_RATE_RE = re.compile(r"\d+(?:\.\d+)?(?:[kmg]?bit|[kmg]?bps)", re.IGNORECASE)
+
+
+def check_rate(rate: str) -> str:
+    """A tc rate such as 200mbit or 1gbit."""
+    if not _RATE_RE.fullmatch(rate.strip()):
+        raise LabError(f"link rate {rate!r}: give a tc rate such as 200mbit or 1gbit")
+    return rate.strip().lower()
+
+
+def _tbf(device: str, rate: str) -> list[str]:
+    # a burst above a veth's 64 KB offload segments, or tbf drops them all
+    return ["tc", "qdisc", "replace", "dev", device, "root", "tbf", "rate", rate,
+            "burst", "512kb", "latency", "50ms"]  # fmt: skip
+
+
+def _host_run(command: list[str], what: str) -> None:
+    done = subprocess.run(command, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise LabError(f"shaping {what}: {' '.join(command)}: {done.stderr.strip()}")
+
+
+def _host_device(ifindex: int) -> str:
+    for line in Path("/proc/net/dev").read_text().splitlines()[2:]:
+        name = line.split(":")[0].strip()
+        index = Path(f"/sys/class/net/{name}/ifindex")
+        if index.is_file() and int(index.read_text()) == ifindex:
+            return name
+    raise LabError(f"no interface with index {ifindex} on this machine")
+
+
+def _lab_devices(client):
+    """(how to run tc there, device, what it is) for each shaped interface of the lab."""
+    for container in client.containers.list(filters={"label": LABEL}):
+        pid = str(container.attrs["State"]["Pid"])
+        yield ["nsenter", "-t", pid, "-n"], "eth0", container.name
+        code, out = container.exec_run(["cat", "/sys/class/net/eth0/iflink"])
+        if code != 0:
+            raise LabError(f"{container.name}: cannot read its eth0's peer index")
+        veth = _host_device(int(out.decode().strip()))
+        yield [], veth, f"{container.name}'s veth {veth}"
+    network = client.networks.get(NETWORK)
+    bridge = f"br-{network.id[:12]}"
+    yield [], bridge, f"the lab bridge {bridge}"
+
+
+def unshape_links(client) -> None:
+    """Take the link caps off again (a missing qdisc is no error)."""
+    for prefix, device, _ in _lab_devices(client):
+        subprocess.run([*prefix, "tc", "qdisc", "del", "dev", device, "root"], capture_output=True)
+
+
+def shape_links(client, rate: str) -> list[str]:
+    """Cap every lab machine's link at `rate` each way, as a switch port would, and this
+    machine's (the operator's) link to them too: tc tbf on the machine's eth0 (what it
+    sends), on its veth's host end (what it receives) and on the lab bridge (what the
+    operator sends). Only the lab's own interfaces are touched. Returns the devices."""
+    rate = check_rate(rate)
+    shaped = []
+    for prefix, device, what in _lab_devices(client):
+        _host_run([*prefix, *_tbf(device, rate)], what)
+        shaped.append(what)
+    return shaped
+
+
 def _cpu_hierarchy(client, container) -> str | None:
     """cgroup v1: the cpu hierarchy's real path on the machine (cpu may be cpu,cpuacct)."""
     if str(client.info().get("CgroupVersion", "2")) != "1":
@@ -361,14 +431,23 @@ def _cpu_hierarchy(client, container) -> str | None:
 
 
 def up(
-    count: int, lab_dir: Path, base_image: str = "local", client=None, cpus=None, mem=None
+    count: int,
+    lab_dir: Path,
+    base_image: str = "local",
+    client=None,
+    cpus=None,
+    mem=None,
+    link: str | None = None,
 ) -> list[LabNode]:
     """Start `count` machines. `cpus` (cores) and `mem` (bytes or "6g") are lists with one
-    value per machine, or one value (or a list of one) for all; None or "max": no limit."""
+    value per machine, or one value (or a list of one) for all; None or "max": no limit.
+    `link` (a tc rate, 200mbit) caps each machine's link and the operator's."""
     if count < 1:
         raise LabError("the lab needs at least one node")
     client = client or _client()
     limits = machine_limits(count, cpus, mem, client.info())  # before anything changes
+    if link:
+        check_rate(link)
     down(client, lab_dir)
     build_image(client, base_image)
     lab_dir.mkdir(parents=True)
@@ -391,6 +470,8 @@ def up(
             keys[node.name] = _host_key(container)
         write_ssh_files(lab_dir, nodes, keys)
         write_compose_override(lab_dir, _cpu_hierarchy(client, containers[0]))
+        if link:
+            shape_links(client, link)
         return nodes
     except BaseException:
         down(client, lab_dir)
@@ -409,17 +490,23 @@ def main(argv: list[str] | None = None) -> int:
     p_up.add_argument(
         "--mem", help='memory per machine, e.g. "6g 4g 2g", or one for all (max: none)'
     )
+    p_up.add_argument("--link", help="each machine's link rate, e.g. 200mbit (tc tbf)")
     sub.add_parser("down", help="remove everything the lab made")
     parser.add_argument("--dir", type=Path, default=ROOT / ".lab")
     args = parser.parse_args(argv)
     try:
         if args.cmd == "up":
-            nodes = up(args.nodes, args.dir.resolve(), args.base_image, None, args.cpus, args.mem)
+            nodes = up(
+                args.nodes, args.dir.resolve(), args.base_image, None, args.cpus, args.mem,
+                args.link,
+            )  # fmt: skip
             for node in nodes:
                 limits = [f"{node.cpus:g} cpus"] if node.cpus else []
                 limits += [f"{_gib(node.memory_bytes)} memory"] if node.memory_bytes else []
                 shown = f", limits {', '.join(limits)}" if limits else ""
                 print(f"lab: {node.name} {node.ip} ({node.container}{shown})")
+            if args.link:
+                print(f"lab: every link capped at {args.link} (the operator's too)")
             print(f"lab: ssh config in {args.dir / 'ssh_config'}")
         else:
             removed = down(lab_dir=args.dir.resolve())
