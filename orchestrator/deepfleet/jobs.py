@@ -15,13 +15,13 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import inferplan, inputs, launch, memfit, trainplan, transfer
+from . import inferplan, inputs, launch, memfit, progress, trainplan, transfer
 from .cluster import Session
 from .connect import fan_out
 from .containers import exec_text
 from .errors import DeepfleetError, InputError
 from .jobrun import RunOptions, job_plan, ready_cluster, run_job
-from .plan import RUN_DIR
+from .plan import HF_HOME, RUN_DIR
 
 # Passed to the nodes' download step through the exec environment only: never in a file,
 # an image, the launcher's command line or its logs.
@@ -158,12 +158,18 @@ def _in_container_path(local: str, root: str) -> str:
 
 def _push_everywhere(session: Session, local: str, root: str, out) -> str:
     target = _target_for(local, root)
+    board = progress.Board(out)
 
     def push(node):
         name = node.spec.name
-        return transfer.push_local(session.container(name), Path(local).expanduser(), target, name)
+        return transfer.push_local(
+            session.container(name), Path(local).expanduser(), target, name, board
+        )
 
-    results, errors = fan_out(session.state.nodes, push, lambda n: n.spec.name)
+    try:
+        results, errors = fan_out(session.state.nodes, push, lambda n: n.spec.name)
+    finally:
+        board.close()
     if errors:
         raise next(iter(errors.values()))
     for name, copied in results.items():
@@ -176,11 +182,16 @@ def _replicate_from_master(session: Session, path: str, out) -> None:
     src = session.container(master)
     others = [n for n in session.state.nodes if n.spec.name != master]
 
+    board = progress.Board(out)
+
     def copy(node):
         name = node.spec.name
-        return transfer.copy_between(src, session.container(name), path, master, name)
+        return transfer.copy_between(src, session.container(name), path, master, name, board)
 
-    results, errors = fan_out(others, copy, lambda n: n.spec.name)
+    try:
+        results, errors = fan_out(others, copy, lambda n: n.spec.name)
+    finally:
+        board.close()
     if errors:
         raise next(iter(errors.values()))
     for name, copied in results.items():
@@ -228,19 +239,29 @@ def prefetch_hub_model(session: Session, model: str, env: dict[str, str], out) -
         "    sys.exit(f'error: {type(exc).__name__}: {text}')\n"
     )
 
+    board = progress.Board(out)
+
     def fetch(node):
         name = node.spec.name
+        container = session.container(name)
+        # the download's own bars stay inside the container: the cache's growth is shown
+        watch = transfer.GrowthWatch(container, HF_HOME, name, board.bar(f"[{name}] {model}", 0))
         try:
             exec_text(
-                session.container(name), ["python", "-c", script, model], name,
+                container, ["python", "-c", script, model], name,
                 env={**env, "HF_HUB_DISABLE_TELEMETRY": "1"},
             )  # fmt: skip
         except DeepfleetError as exc:
             cause = getattr(exc, "cause", str(exc))
             raise DeepfleetError(f"cannot download {model}: {cause}", name) from exc
+        finally:
+            watch.stop()
         return True
 
-    _, errors = fan_out(session.state.nodes, fetch, lambda n: n.spec.name)
+    try:
+        _, errors = fan_out(session.state.nodes, fetch, lambda n: n.spec.name)
+    finally:
+        board.close()
     if errors:
         raise next(iter(errors.values()))
     out.write(f"deepfleet: {model} is in every node's HF cache\n")

@@ -19,6 +19,7 @@ SSH_PORT = 2222
 MASTER_PORT = 29500
 WORKDIR = "/workspace"
 RUN_DIR = "/workspace/.deepfleet"
+HF_HOME = "/workspace/hf-cache"  # every node container's Hugging Face cache
 HOSTFILE = f"{RUN_DIR}/hostfile"
 COMPARED_VERSIONS = ("python", "torch", "deepspeed", "transformers")
 MIXED = "mixed"  # a world of several accelerators: gloo between them, each rank its device
@@ -316,7 +317,7 @@ def plan_cluster(
         "PYTHONUNBUFFERED": "1",
         "DEEPFLEET_BACKEND": dist_backend,
         "TORCH_EXTENSIONS_DIR": "/opt/deepfleet/torch_extensions",
-        "HF_HOME": "/workspace/hf-cache",
+        "HF_HOME": HF_HOME,
         **(extra_env or {}),
     }
     return ClusterPlan(

@@ -57,7 +57,52 @@ def digest(container, path: str, node: str) -> str:
     return exec_text(container, ["sh", "-c", _DIGEST, "digest", path], node).strip()
 
 
-def copy_between(src, dst, path: str, src_node: str, dst_node: str) -> bool:
+def size_of(container, path: str, node: str) -> int:
+    """Bytes under `path` in the container (0 when du cannot say): a progress line's total."""
+    text = exec_text(container, ["sh", "-c", 'du -sb "$1" | cut -f1', "du", path], node)
+    return int(text.strip()) if text.strip().isdigit() else 0
+
+
+def counted(chunks: Iterable[bytes], bar) -> Iterator[bytes]:
+    """The chunks, with the bytes so far given to a progress bar (None: none)."""
+    done = 0
+    for chunk in chunks:
+        done += len(chunk)
+        if bar is not None:
+            bar.update_to(done)
+        yield chunk
+
+
+class GrowthWatch:
+    """A progress bar fed by how much a directory in a container has grown, sampled every
+    `every` seconds from a thread: for downloads whose own progress stays in the node."""
+
+    def __init__(self, container, path: str, node: str, bar, every: float = 2.0):
+        self._args = (container, path, node)
+        self._bar = bar
+        self._every = every
+        self._stop = threading.Event()
+        self._start = self._size()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _size(self) -> int:
+        try:
+            return size_of(*self._args)
+        except ContainerError:
+            return 0
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._every):
+            self._bar.update_to(max(0, self._size() - self._start))
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=self._every + 5)
+        self._bar.close()
+
+
+def copy_between(src, dst, path: str, src_node: str, dst_node: str, board=None) -> bool:
     """Make dst's `path` a copy of src's; False when it already was."""
     want = digest(src, path, src_node)
     if want == "missing":
@@ -66,8 +111,13 @@ def copy_between(src, dst, path: str, src_node: str, dst_node: str) -> bool:
         return False
     parent = posixpath.dirname(path.rstrip("/"))
     exec_text(dst, ["sh", "-c", 'rm -rf "$1" && mkdir -p "$2"', "rm", path, parent], dst_node)
+    bar = board.bar(f"[{dst_node}] {path}", size_of(src, path, src_node)) if board else None
     stream, _ = src.get_archive(path)
-    put_stream(dst, parent, stream, dst_node)
+    try:
+        put_stream(dst, parent, counted(stream, bar), dst_node)
+    finally:
+        if bar is not None:
+            bar.close()
     return True
 
 
@@ -150,7 +200,7 @@ def put_stream(container, directory: str, chunks: Iterable[bytes], node: str) ->
         ) from exc
 
 
-def push_local(container, local: Path, target: str, node: str) -> bool:
+def push_local(container, local: Path, target: str, node: str, board=None) -> bool:
     """Make directory `target` in the container hold `local` (a file lands inside it).
 
     Skipped when the digests already match, so a large model crosses the wire once.
@@ -160,7 +210,13 @@ def push_local(container, local: Path, target: str, node: str) -> bool:
     if digest(container, target, node) == local_digest(local):
         return False
     exec_text(container, ["sh", "-c", 'rm -rf "$1" && mkdir -p "$1"', "rm", target], node)
-    put_stream(container, target, tar_chunks(local), node)
+    total = sum(path.stat().st_size for _, path in files_under(local))
+    bar = board.bar(f"[{node}] {target}", total) if board is not None else None
+    try:
+        put_stream(container, target, counted(tar_chunks(local), bar), node)
+    finally:
+        if bar is not None:
+            bar.close()
     return True
 
 

@@ -114,3 +114,33 @@ def test_cleared_limits_leave_every_machine_unbounded(limited):
     for index, report in detect_all(limited).items():
         assert (report.cpu_quota, report.memory_limit_bytes) == (None, None), index
     assert cpu_share(limited, 2, seconds=2) > 0.5
+
+
+def test_shaped_links_cap_each_machine_and_come_off_again(cluster, outer_docker):
+    """LAB_LINK: tc tbf on every lab interface; 40 MB to a machine cannot beat the cap."""
+    import time
+
+    shaped = lab_module.shape_links(outer_docker, "200mbit")
+    try:
+        assert len(shaped) == 2 * len(cluster.lab.nodes) + 1  # eth0 + veth each, the bridge
+        for node in cluster.lab.nodes:
+            qdisc = subprocess.run(
+                ["docker", "exec", node.container, "tc", "qdisc", "show", "dev", "eth0"],
+                capture_output=True, text=True, check=True,
+            ).stdout  # fmt: skip
+            assert "tbf" in qdisc and "200Mbit" in qdisc, qdisc
+        began = time.monotonic()
+        subprocess.run(
+            ["ssh", "-F", str(cluster.lab.ssh_config), "lab2", "cat > /dev/null"],
+            input=b"\0" * (40 << 20), check=True,
+        )  # fmt: skip
+        # 200 mbit is 25 MB/s: 40 MB takes at least 1.6 s whatever the machine's speed
+        assert time.monotonic() - began >= 1.5
+    finally:
+        lab_module.unshape_links(outer_docker)
+    for node in cluster.lab.nodes:
+        qdisc = subprocess.run(
+            ["docker", "exec", node.container, "tc", "qdisc", "show", "dev", "eth0"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        assert "tbf" not in qdisc, qdisc
