@@ -8,7 +8,8 @@ together with an even split and with the speed-balanced split, side by side in o
     equal_split_ratio  even-split tokens/s / sum of the solo tokens/s
 
 and the two joint runs' loss curves, which must agree (same samples per optimizer step).
-Usage: python scripts/bench_unlike.py RESULT.json   (adds its keys to that JSON file)
+scripts/bench.py calls measure() on its lab; alone:
+    python scripts/bench_unlike.py RESULT.json   (adds its keys to that JSON file)
 """
 
 from __future__ import annotations
@@ -28,10 +29,19 @@ sys.path.insert(0, str(ROOT / "docker"))
 import lab  # noqa: E402
 
 CPUS = (0.9, 0.5, 0.3)
-MACHINES = ("lab1", "lab2", "lab3")
-STEPS = 40
-LOG_EVERY = 5
+STEPS = 8
+LOG_EVERY = 2
 MICRO_BATCH = 8
+GRAD_ACCUM = 4
+SEQ_LEN = 256
+# ZeRO-1 with 4 micro-steps per optimizer step: the gradients cross the network once per
+# step, as a LAN job would be set up; ZeRO-2 reduces at every micro-step.
+CONFIG = "zero1"
+# A 4.2M-parameter Llama: a micro-step takes 1-4 s on these quotas, so it spans many CFS
+# periods and the quota (not a burst) sets each machine's speed, while its 17 MB
+# all-reduce stays small beside the compute. The demo model's 20 ms steps measured
+# per-step overhead instead of machine speed.
+MODEL_SHAPE = ("--hidden-size", "256", "--intermediate-size", "1024", "--layers", "4")
 DF = str(ROOT / ".venv" / "bin" / "deepfleet")
 LOGS = ROOT / ".bench-logs"
 STEP = re.compile(r"step (\d+)/\d+ loss ([\d.]+) .*?tok/s (\d+)")
@@ -47,9 +57,22 @@ def deepfleet(*args: str, log: str) -> str:
     return output
 
 
-def train(run: str, slots: dict[str, int], balance: str) -> dict:
+def build_model(out: Path, image: str) -> Path:
+    """The bench model, made here by the node image's own tiny builder (no hub)."""
+    out.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["docker", "run", "--rm", "--network", "none", "-v", f"{out}:/out", image,
+         "python", "-m", "deepfleet_node.tiny", "--out", "/out/model", *MODEL_SHAPE],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    return out / "model"
+
+
+def train(run: str, slots: dict[str, int], balance: str, model: Path, world: int) -> dict:
     args = ["train", "--run", run, "--steps", str(STEPS), "--log-every", str(LOG_EVERY),
-            "--micro-batch", str(MICRO_BATCH), "--balance", balance]  # fmt: skip
+            "--micro-batch", str(MICRO_BATCH), "--seq-len", str(SEQ_LEN),
+            "--global-batch", str(MICRO_BATCH * GRAD_ACCUM * world), "--config", CONFIG,
+            "--model", str(model), "--balance", balance]  # fmt: skip
     for name, count in slots.items():
         args += ["--slots", f"{name}={count}"]
     output = deepfleet(*args, log=f"unlike-{run}.log")
@@ -65,32 +88,36 @@ def train(run: str, slots: dict[str, int], balance: str) -> dict:
     }
 
 
-def main(result_path: str) -> int:
+def measure(machines, lab_dir: Path, image: str = "deepfleet/cpu:latest") -> dict:
+    """On a running lab whose machines hold the image: quotas on, solo, even, balanced."""
     LOGS.mkdir(exist_ok=True)
-    state = os.environ.setdefault("DEEPFLEET_STATE_DIR", str(ROOT / ".bench-state"))
-    lab_dir = ROOT / ".lab"
     began = time.monotonic()
-    lab.up(len(MACHINES), lab_dir, cpus=list(CPUS))
+    model = build_model(LOGS / "unlike-model", image)
+    for index, cpus in enumerate(CPUS, 1):
+        lab.set_limits(index, cpus, None)
     try:
         deepfleet("up", "--ssh-config", str(lab_dir / "ssh_config"),
-                  "--compose-override", str(lab_dir / "compose.override.yml"), *MACHINES,
-                  log="unlike-up.log")  # fmt: skip
+                  "--compose-override", str(lab_dir / "compose.override.yml"),
+                  "--image", image, *machines, log="unlike-up.log")  # fmt: skip
         solo = {}
-        for name in MACHINES:
-            alone = {other: 0 for other in MACHINES if other != name}
-            solo[name] = train(f"solo-{name}", alone, "even")["tokens_per_s"]
-        even = train("even", {}, "even")
-        balanced = train("balanced", {}, "speed")
+        for name in machines:
+            alone = {other: 0 for other in machines if other != name}
+            solo[name] = train(f"solo-{name}", alone, "even", model, 1)["tokens_per_s"]
+        even = train("even", {}, "even", model, len(machines))
+        balanced = train("balanced", {}, "speed", model, len(machines))
     finally:
         subprocess.run([DF, "down"], capture_output=True, cwd=ROOT)
-        lab.down(lab_dir=lab_dir)
+        for index in range(1, len(CPUS) + 1):
+            lab.set_limits(index, None, None)
     total = sum(solo.values())
     common = sorted(set(even["losses"]) & set(balanced["losses"]))
     loss_gap = max(
         abs(balanced["losses"][s] - even["losses"][s]) / even["losses"][s] for s in common
     )
-    figures = {
+    return {
         "unlike_cpu_quotas": list(CPUS),
+        "unlike_setup": f"Llama 4.2M params (hidden 256, 4 layers), seq {SEQ_LEN}, fp32 CPU, "
+        f"{CONFIG}, micro-batch {MICRO_BATCH} x {GRAD_ACCUM} micro-steps per optimizer step",
         "unlike_solo_tokens_per_s": solo,
         "unlike_even_tokens_per_s": even["tokens_per_s"],
         "unlike_balanced_tokens_per_s": balanced["tokens_per_s"],
@@ -100,13 +127,23 @@ def main(result_path: str) -> int:
         "balanced_vs_even_loss_max_rel_diff": round(loss_gap, 5),
         "unlike_bench_s": round(time.monotonic() - began, 1),
     }
+
+
+def main(result_path: str) -> int:
+    lab_dir = ROOT / ".lab"
+    os.environ.setdefault("DEEPFLEET_STATE_DIR", str(ROOT / ".bench-state"))
+    lab.up(3, lab_dir)
+    try:
+        figures = measure(("lab1", "lab2", "lab3"), lab_dir)
+    finally:
+        lab.down(lab_dir=lab_dir)
     path = Path(result_path)
     result = json.loads(path.read_text()) if path.is_file() else {}
     result.update(figures)
     path.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(figures, indent=2))
     print(f"bench: balance_ratio {figures['balance_ratio']} (goal >= 0.9), equal_split_ratio "
-          f"{figures['equal_split_ratio']}; state {state}")  # fmt: skip
+          f"{figures['equal_split_ratio']}")  # fmt: skip
     return 0
 
 

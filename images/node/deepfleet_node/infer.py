@@ -26,6 +26,7 @@ import argparse
 import json
 import math
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -498,6 +499,14 @@ def generate_rows(args, generator, device, tokenizer, prompts, rank, world) -> l
     return rows
 
 
+def generation_line(rows: list[dict], seconds: float, world: int) -> str:
+    """What `make bench` reads: new tokens over the generation alone (launch and load
+    excluded), every rank together."""
+    tokens = sum(row["tokens"] for row in rows)
+    rate = tokens / seconds if seconds > 0 else 0.0
+    return f"generated {tokens} tokens in {seconds:.2f}s ({rate:.1f} tok/s, {world} ranks)"
+
+
 def run(args: argparse.Namespace) -> None:
     from .train import quiet_libraries
 
@@ -505,16 +514,22 @@ def run(args: argparse.Namespace) -> None:
     quiet_libraries(verbose=False)
     prompts = read_prompts(args)
     generator, device, _keep_alive, tokenizer = load_generator(args, world)
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()  # generation is timed from when every rank has its model
+    began = time.perf_counter()
     rows = generate_rows(args, generator, device, tokenizer, prompts, rank, world)
     if args.mode == "tp":
         merged = check_ranks_agree(rows, rank, world)
     else:
         merged = gather_rows(rows, rank, world)
     if merged is not None:
+        seconds = time.perf_counter() - began
         write_jsonl(args.output, merged)
         show(merged)
+        say(generation_line(merged, seconds, world))
         say(f"wrote {len(merged)} completions to {args.output}")
-    import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
         dist.barrier()
