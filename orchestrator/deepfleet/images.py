@@ -215,6 +215,8 @@ def _load(client, archive: Path, ref: str, node: str, stall: float, board=None) 
             if bar is not None:
                 bar.update_to(sent)
         channel.shutdown_write()
+        if not channel.status_event.wait(stall):  # every byte sent; the load never ended
+            raise TimeoutError(f"docker load did not end {stall:.0f} s after the last byte")
         code = channel.recv_exit_status()
         said = (channel.makefile_stderr("rb").read() or b"").decode(errors="replace")
     except (OSError, paramiko.SSHException) as exc:  # a write or read that waited
