@@ -14,6 +14,9 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
+import paramiko
+from docker.errors import DockerException
+
 from . import images, relay
 from .connect import fan_out, stall_timeout
 from .errors import DeepfleetError, ImageError
@@ -64,9 +67,7 @@ def plan_images(
     for node in stream:
         by_ref.setdefault(refs[node], []).append(node)
     for ref, nodes in by_ref.items():
-        if len(nodes) < 2 or want.get(ref) is None:
-            direct += nodes
-        elif not use_relay:
+        if len(nodes) < 2 or want.get(ref) is None or not use_relay:
             direct += nodes
         elif not relay_ready:
             direct += nodes
@@ -92,15 +93,22 @@ def put_images(local, clients, plan: ImagePlan, log: Callable[[str], None], boar
     for node in plan.present:
         image_id = images.node_image_id(clients[node], plan.refs[node])
         outcome.results[node] = images.ImageResult(node, "present", image_id or "", 0.0)
-    direct = list(plan.direct)
+    direct = [*plan.pull, *plan.direct]
     for chain in plan.chains:
-        direct += _relay(local, clients, plan.refs[chain.nodes[0]], chain, outcome, log, board)
+        ref = plan.refs[chain.nodes[0]]
+        try:
+            direct += _relay(local, clients, ref, chain, outcome, log, board)
+        except (DockerException, OSError, paramiko.SSHException) as exc:
+            # an engine or SSH failure outside the hops: every machine of the chain not yet
+            # served gets the stream, whose own errors name the machine
+            why = "an engine refused" if isinstance(exc, DockerException) else "SSH failed"
+            log(f"relay {chain.describe()} failed ({why}); streaming from here instead")
+            direct += [n for n in chain.nodes if n not in outcome.results]
 
     def put(node: str):
         mode = "always" if node in plan.pull else "never"  # a failed pull then streams
         return images.ensure_image(local, clients[node], plan.refs[node], node, mode, board)
 
-    direct = list(plan.pull) + direct
     results, errors = fan_out(direct, put, lambda n: n)
     outcome.results.update(results)
     outcome.errors.update(errors)
@@ -110,7 +118,7 @@ def put_images(local, clients, plan: ImagePlan, log: Callable[[str], None], boar
 
 def _relay(local, clients, ref: str, chain: relay.Chain, outcome: Outcome, log, board):
     """Relay `ref` along the chain; returns the machines still to stream to directly."""
-    ready, errors = fan_out(
+    _, errors = fan_out(
         chain.nodes,
         lambda n: images.ensure_image(local, clients[n], relay.RELAY_IMAGE, n, "never"),
         lambda n: n,

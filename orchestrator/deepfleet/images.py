@@ -27,6 +27,7 @@ from pathlib import Path
 import paramiko
 from docker.errors import APIError, DockerException, ImageNotFound
 
+from . import progress
 from .connect import host_channel, stall_timeout
 from .errors import ImageError
 
@@ -207,13 +208,10 @@ def _load(client, archive: Path, ref: str, node: str, stall: float, board=None) 
     bar = board.bar(f"[{node}] image", archive.stat().st_size) if board is not None else None
     channel = host_channel(client, "docker load")
     channel.settimeout(stall)
-    sent, started = 0, time.monotonic()
+    sent, started = progress.Counted(_file_chunks(archive), bar), time.monotonic()
     try:
-        for chunk in _file_chunks(archive):
+        for chunk in sent:
             channel.sendall(chunk)
-            sent += len(chunk)
-            if bar is not None:
-                bar.update_to(sent)
         channel.shutdown_write()
         if not channel.status_event.wait(stall):  # every byte sent; the load never ended
             raise TimeoutError(f"docker load did not end {stall:.0f} s after the last byte")
@@ -222,7 +220,7 @@ def _load(client, archive: Path, ref: str, node: str, stall: float, board=None) 
     except (OSError, paramiko.SSHException) as exc:  # a write or read that waited
         raise LoadStalled(
             f"loading {ref} made no progress for {stall:.0f} s "
-            f"({sent / 1e6:.0f} MB sent in {time.monotonic() - started:.0f} s); "
+            f"({sent.done / 1e6:.0f} MB sent in {time.monotonic() - started:.0f} s); "
             "is the machine's disk full or its engine stuck? (--stall-timeout to wait longer)",
             node,
         ) from exc
@@ -233,7 +231,7 @@ def _load(client, archive: Path, ref: str, node: str, stall: float, board=None) 
     if code != 0:
         cause = " ".join(said.split())[:300] or f"docker load exited {code}"
         raise ImageError(f"loading {ref} failed: {cause}", node)
-    return sent
+    return sent.done
 
 
 def ensure_image(local, client, ref: str, node: str, pull: str = "auto", board=None) -> ImageResult:

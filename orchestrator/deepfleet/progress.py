@@ -1,8 +1,9 @@
 """Progress lines for long transfers (an image, a model, data): one per machine, by tqdm.
 
 On a terminal each machine gets its own live line (bytes, rate, ETA). Written to a log or
-a pipe, the same meter is printed as a plain line every LOG_EVERY_S seconds and once at the
-end, so a long transfer shows that it moves without filling the log with redraws.
+a pipe, the same meter is printed as a plain line every LOG_EVERY_S seconds, so a long
+transfer shows that it moves without filling the log with redraws (the caller prints the
+outcome).
 """
 
 from __future__ import annotations
@@ -41,10 +42,6 @@ class Bar:
                 unit_divisor=1000, position=position, leave=False, file=board.out,
                 dynamic_ncols=True, mininterval=0.5,
             )  # fmt: skip
-
-    @property
-    def done(self) -> int:
-        return self._done
 
     def update_to(self, done: int) -> None:
         with self._lock:
@@ -99,3 +96,20 @@ class Board:
     def close(self) -> None:
         for bar in self._bars:
             bar.close()
+
+
+class Counted:
+    """A stream of chunks passed on as they are, the bytes so far in `done` and, given
+    one, in a progress bar."""
+
+    def __init__(self, chunks, bar: Bar | None = None):
+        self._chunks = chunks
+        self._bar = bar
+        self.done = 0
+
+    def __iter__(self):
+        for chunk in self._chunks:
+            self.done += len(chunk)
+            if self._bar is not None:
+                self._bar.update_to(self.done)
+            yield chunk

@@ -25,16 +25,17 @@ from pathlib import Path
 import paramiko
 from docker.errors import DockerException, NotFound
 
+from . import images
 from .build import RELAY_TAG
 from .connect import host_channel
 from .errors import ImageError
+from .progress import Counted
 
 RELAY_IMAGE = RELAY_TAG
 RELAY_PORT = 29610  # each machine but the first listens here for the one before it
 RELAY_CONTAINER = "deepfleet-relay"
 # a machine's relay container starting, opening its port and reaching the next machine
 READY_TIMEOUT = 60.0
-CHUNK = 4 << 20
 
 
 class ChainBroken(ImageError):
@@ -65,14 +66,14 @@ class Hop:
                RELAY_IMAGE, "-" if first else str(self.listen)]  # fmt: skip
         if self.next_address:
             run += [shlex.quote(self.next_address), str(self.next_port)]
-        fifos = '"$d/out" "$d/in"' if first else '"$d/out"'
+        fifos = ['"$d/out"', *(['"$d/in"'] if first else [])]
         lines = [
             "d=$(mktemp -d) || exit 1",
             "trap 'rm -rf \"$d\"' EXIT",
-            f"mkfifo {fifos} || exit 1",
+            f"mkfifo {' '.join(fifos)} || exit 1",
             # when the relay ends, however, a load or cat still waiting to open its fifo
             # is let go (a read-write open never waits)
-            "(" + " ".join(run) + "; " + "; ".join(f": <>{f}" for f in fifos.split()) + ") &",
+            "(" + " ".join(run) + "; " + "; ".join(f": <>{f}" for f in fifos) + ") &",
         ]
         if first:  # the load in the background: the foreground cat has the SSH stdin
             lines += ['docker load -i "$d/out" & load=$!', 'cat > "$d/in"', "wait $load"]
@@ -136,8 +137,8 @@ class _HopRun:
             for raw in self.channel.makefile_stderr("rb"):
                 self._line(raw.decode(errors="replace").strip())
             self.exit_code = self.channel.recv_exit_status()
-        except (OSError, paramiko.SSHException) as exc:
-            self.other.append(f"no word from the machine for {self.stall:.0f} s ({exc})")
+        except (OSError, paramiko.SSHException):
+            self.other.append(f"no word from the machine for {self.stall:.0f} s")
         finally:
             self.ended.set()
             self.ready.set()  # a hop that ended is not going to become ready
@@ -194,7 +195,12 @@ def _start(chain: Chain, clients, board, size: int, stall: float, runs: dict) ->
     for i in reversed(range(len(hops))):
         hop = hops[i]
         bar = board.bar(f"[{hop.node}] image (relay)", size) if board is not None else None
-        run = _HopRun(hop, clients[hop.node], bar, stall)
+        try:
+            run = _HopRun(hop, clients[hop.node], bar, stall)
+        except (OSError, paramiko.SSHException) as exc:
+            raise ChainBroken(
+                f"{hop.node}: no SSH channel for its relay", hop.node, hop.node
+            ) from exc
         runs[hop.node] = run
         if not run.ready.wait(READY_TIMEOUT) or run.ended.is_set():
             problem = run.problem() or f"its relay did not start in {READY_TIMEOUT:.0f} s"
@@ -205,20 +211,18 @@ def _start(chain: Chain, clients, board, size: int, stall: float, runs: dict) ->
 
 
 def _send(run: _HopRun, archive: Path) -> int:
-    sent = 0
+    sent = Counted(images._file_chunks(archive), run.bar)
     try:
-        with archive.open("rb") as fh:
-            while chunk := fh.read(CHUNK):
-                run.channel.sendall(chunk)
-                sent += len(chunk)
-                if run.bar is not None:
-                    run.bar.update_to(sent)
+        for chunk in sent:
+            run.channel.sendall(chunk)
         run.channel.shutdown_write()
     except (OSError, paramiko.SSHException) as exc:
         raise ImageError(
-            f"the relay stopped taking the image after {sent / 1e6:.0f} MB ({exc})", run.hop.node
+            f"the relay took no more of the image for {run.stall:.0f} s, "
+            f"after {sent.done / 1e6:.0f} MB",
+            run.hop.node,
         ) from exc
-    return sent
+    return sent.done
 
 
 def _wait(runs: dict[str, _HopRun], stall: float) -> None:

@@ -26,6 +26,7 @@ from .connect import docker_cause, stall_timeout
 from .containers import exec_text
 from .errors import ContainerError
 from .inputs import files_under
+from .progress import Counted
 
 CHUNK = 4 << 20
 
@@ -61,16 +62,6 @@ def size_of(container, path: str, node: str) -> int:
     """Bytes under `path` in the container (0 when du cannot say): a progress line's total."""
     text = exec_text(container, ["sh", "-c", 'du -sb "$1" | cut -f1', "du", path], node)
     return int(text.strip()) if text.strip().isdigit() else 0
-
-
-def counted(chunks: Iterable[bytes], bar) -> Iterator[bytes]:
-    """The chunks, with the bytes so far given to a progress bar (None: none)."""
-    done = 0
-    for chunk in chunks:
-        done += len(chunk)
-        if bar is not None:
-            bar.update_to(done)
-        yield chunk
 
 
 class GrowthWatch:
@@ -114,7 +105,7 @@ def copy_between(src, dst, path: str, src_node: str, dst_node: str, board=None) 
     bar = board.bar(f"[{dst_node}] {path}", size_of(src, path, src_node)) if board else None
     stream, _ = src.get_archive(path)
     try:
-        put_stream(dst, parent, counted(stream, bar), dst_node)
+        put_stream(dst, parent, Counted(stream, bar), dst_node)
     finally:
         if bar is not None:
             bar.close()
@@ -213,7 +204,7 @@ def push_local(container, local: Path, target: str, node: str, board=None) -> bo
     total = sum(path.stat().st_size for _, path in files_under(local))
     bar = board.bar(f"[{node}] {target}", total) if board is not None else None
     try:
-        put_stream(container, target, counted(tar_chunks(local), bar), node)
+        put_stream(container, target, Counted(tar_chunks(local), bar), node)
     finally:
         if bar is not None:
             bar.close()
