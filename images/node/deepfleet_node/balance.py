@@ -11,6 +11,7 @@ rank computes the same shares and takes the same rebalancing decision.
 
 from __future__ import annotations
 
+import heapq
 import math
 from collections.abc import Sequence
 
@@ -22,15 +23,19 @@ REBALANCE_GAIN = 0.05
 def shares_from_speeds(
     speeds: Sequence[float], total: int, caps: Sequence[int] | None = None
 ) -> list[int]:
-    """total samples over ranks in proportion to speed: largest-remainder rounding of the
-    exact quotas, every rank at least one and at most its cap, summing to total.
+    """total samples over ranks in proportion to speed, rounded so that the slowest rank's
+    micro-step is as short as it can be: every rank at least one and at most its cap.
 
-    caps: the largest micro-batch each rank's memory holds (the operator's memory fit);
-    a rank whose quota is over it gets its cap, one whose quota is under one gets one,
-    and the rest is apportioned over the others again. Ties (equal remainders) go to the
-    lower rank, so the result is a pure function of its arguments.
-    The operator's plan shows the same split (orchestrator/deepfleet/trainplan.py `split`,
-    kept equal by tests/node/test_balance.py).
+    Each sample in turn goes to the rank that would finish it first (the rank minimising
+    (share + 1) / speed), which for identical samples on ranks of fixed speeds is the
+    split with the least predicted micro-step time. Rounding the exact quotas instead
+    (largest remainder) can hand the slowest rank the spare sample and so pace the whole
+    job: 12/7/5 instead of 13/7/4 at speeds 1.00/0.57/0.37, 4 % slower.
+
+    caps: the largest micro-batch each rank's memory holds (the operator's memory fit); a
+    rank at its cap takes no more. Ties go to the lower rank, so the result is a pure
+    function of its arguments. The operator's plan shows the same split
+    (orchestrator/deepfleet/trainplan.py `split`, kept equal by tests/node/test_balance.py).
     """
     n = len(speeds)
     if n == 0:
@@ -45,39 +50,15 @@ def shares_from_speeds(
         raise ValueError(f"caps {list(caps)} for {n} ranks: one positive cap per rank")
     if sum(caps) < total:
         raise ValueError(f"the ranks' caps {format_shares(caps)} hold fewer than {total}")
-    shares = [0] * n
-    pinned: dict[int, int] = {}  # rank -> its fixed share (one, or its cap)
-    while True:
-        free = [i for i in range(n) if i not in pinned]
-        left = total - sum(pinned.values())
-        weight = sum(speeds[i] for i in free)
-        quotas = {i: left * speeds[i] / weight for i in free}
-        over = {i: caps[i] for i in free if quotas[i] > caps[i]}
-        low = {i: 1 for i in free if quotas[i] < 1}
-        if over:  # the caps first: what they shed goes to the others
-            pinned.update(over)
-        elif low and len(low) < len(free):
-            pinned.update(low)
-        else:
-            break
-        if len(pinned) == n:
-            break
-    for i, share in pinned.items():
-        shares[i] = share
-    free = [i for i in range(n) if i not in pinned]
-    for i in free:
-        shares[i] = min(caps[i], max(1, math.floor(quotas[i])))
-    spare = total - sum(shares)
-    # Largest remainder first; a stable sort keeps lower ranks first among equals.
-    order = sorted(free, key=lambda i: quotas[i] - math.floor(quotas[i]), reverse=True)
-    # then any rank with room left (one pinned at one while the caps were settled)
-    by_speed = sorted(range(n), key=lambda i: speeds[i], reverse=True)
-    for i in order + by_speed:
-        if spare <= 0:
-            break
+    shares = [1] * n
+    # (finish time of one more sample, rank): the heap's order breaks ties by rank
+    heap = [((1 + 1) / speeds[i], i) for i in range(n) if caps[i] > 1]
+    heapq.heapify(heap)
+    for _ in range(total - n):
+        _, i = heapq.heappop(heap)
+        shares[i] += 1
         if shares[i] < caps[i]:
-            shares[i] += 1
-            spare -= 1
+            heapq.heappush(heap, ((shares[i] + 1) / speeds[i], i))
     return shares
 
 
