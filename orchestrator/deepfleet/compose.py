@@ -18,7 +18,8 @@ import yaml
 from .errors import ContainerError
 
 SERVICE = "node"
-_VAR_RE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?:(:?-)([^}]*))?\}|\$\$")
+_NAME_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_OPS = (":-", ":?", ":+", "-", "?", "+")  # colon forms first: they share a prefix
 KNOWN_KEYS = {
     "image", "container_name", "command", "entrypoint", "network_mode", "ipc", "shm_size",
     "ulimits", "environment", "volumes", "labels", "restart", "devices", "group_add",
@@ -85,27 +86,92 @@ class ContainerSpec:
         }  # fmt: skip
 
 
-def interpolate(value, env: Mapping[str, str]):
-    """Compose's ${VAR}, ${VAR:-default}, ${VAR-default} and $$ in every string."""
+def interpolate(value, env: Mapping[str, str], source: str | Path | None = None):
+    """Compose-spec interpolation in every string value; `source` names the file in errors.
+
+    $VAR, ${VAR}, ${VAR:-default}, ${VAR-default}, ${VAR:?message}, ${VAR?message},
+    ${VAR:+alt}, ${VAR+alt}, with defaults, messages and alts interpolated in turn, and
+    $$ for a literal $. The colon forms treat an empty value like an unset one.
+    """
     if isinstance(value, str):
-
-        def sub(match: re.Match) -> str:
-            if match.group(0) == "$$":
-                return "$"
-            name, op, default = match.group(1), match.group(2), match.group(3)
-            current = env.get(name)
-            if op == ":-" and not current:
-                return default or ""
-            if op == "-" and current is None:
-                return default or ""
-            return current or ""
-
-        return _VAR_RE.sub(sub, value)
+        return _substitute(value, env, source)
     if isinstance(value, list):
-        return [interpolate(v, env) for v in value]
+        return [interpolate(v, env, source) for v in value]
     if isinstance(value, dict):
-        return {k: interpolate(v, env) for k, v in value.items()}
+        return {k: interpolate(v, env, source) for k, v in value.items()}
     return value
+
+
+def _interp_error(source, text: str) -> ContainerError:
+    return ContainerError(f"compose file {source}: {text}" if source else f"compose: {text}")
+
+
+def _closing_brace(text: str, start: int) -> int:
+    """Index of the `}` closing the `{` at `start`, or -1.
+
+    Brace counting stops at the line's end and, when unbalanced, falls back to the line's
+    last `}`, as compose-go does, so `${A:-{x}` keeps its `{`.
+    """
+    line_end = text.find("\n", start)
+    line_end = len(text) if line_end < 0 else line_end
+    depth, i = 0, start
+    while i < line_end:
+        if text[i] == "{":
+            depth += 1
+            i += 1  # compose-go skips the character after each `{`
+        elif text[i] == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return text.rfind("}", start, line_end)
+
+
+def _substitute(text: str, env: Mapping[str, str], source) -> str:
+    out: list[str] = []
+    i = 0
+    while (j := text.find("$", i)) >= 0:
+        out.append(text[i:j])
+        after = text[j + 1 : j + 2]
+        if after == "$":
+            out.append("$")
+            i = j + 2
+        elif after == "{":
+            end = _closing_brace(text, j + 1)
+            if end < 0:
+                raise _interp_error(source, f"invalid interpolation in {text!r}")
+            out.append(_braced(text[j + 2 : end], text, env, source))
+            i = end + 1
+        elif named := _NAME_RE.match(text, j + 1):
+            out.append(env.get(named.group(), ""))
+            i = named.end()
+        else:  # `$5`, `$ `, a trailing `$`: compose keeps these as they are
+            out.append("$")
+            i = j + 1
+    out.append(text[i:])
+    return "".join(out)
+
+
+def _braced(body: str, text: str, env: Mapping[str, str], source) -> str:
+    """One ${...} without its braces; `text` is the whole string, for the error."""
+    named = _NAME_RE.match(body)
+    rest = body[named.end() :] if named else ""
+    op = next((o for o in _OPS if rest.startswith(o)), "")
+    if not named or (rest and not op):
+        raise _interp_error(source, f"invalid interpolation in {text!r}")
+    name, arg = named.group(), rest[len(op) :]
+    current = env.get(name)
+    unset = current is None or (op.startswith(":") and current == "")
+    if op.endswith("-"):
+        return _substitute(arg, env, source) if unset else current
+    if op.endswith("?"):
+        if unset:
+            message = _substitute(arg, env, source)
+            raise _interp_error(source, f"{name} is required" + (f": {message}" if message else ""))
+        return current
+    if op.endswith("+"):
+        return "" if unset else _substitute(arg, env, source)
+    return current or ""
 
 
 def _env_dict(value) -> dict[str, str]:
@@ -157,7 +223,7 @@ def load(files: list[Path], env: Mapping[str, str]) -> tuple[dict, dict[str, str
             doc = yaml.safe_load(Path(path).read_text()) or {}
         except (OSError, yaml.YAMLError) as exc:
             raise ContainerError(f"cannot read compose file {path}: {exc}") from exc
-        doc = interpolate(doc, env)
+        doc = interpolate(doc, env, path)
         services = doc.get("services") or {}
         if SERVICE not in services:
             raise ContainerError(f"{path}: no services.{SERVICE} entry")

@@ -22,6 +22,10 @@ class InventoryError(DeepfleetError):
     """The node list or SSH configuration cannot be understood."""
 
 
+class ClusterFileError(InventoryError):
+    """A cluster file is missing, not YAML, or off its schema; the message names the field."""
+
+
 class ConnectError(DeepfleetError):
     """A node's Docker engine cannot be reached over SSH."""
 

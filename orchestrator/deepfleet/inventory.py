@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import getpass
 import re
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +61,9 @@ class NodeArg:
     user: str | None = None
     port: int | None = None
     flavor: str | None = None
+    # no word sets these; a cluster file may, over the SSH config's HostName and IdentityFile
+    hostname: str | None = None
+    identity_file: str | None = None
 
 
 def parse_node_arg(text: str) -> NodeArg:
@@ -129,31 +133,40 @@ def resolve(
     """Turn NODES words into NodeSpecs; the SSH config supplies HostName/User/Port/keys."""
     if not words:
         raise InventoryError('no nodes given (NODES="host1 host2 ...")')
+    return resolve_args((parse_node_arg(word) for word in words), ssh_config, default_user)
+
+
+def resolve_args(
+    args: Iterable[NodeArg],
+    ssh_config: Path | None = None,
+    default_user: str | None = None,
+) -> Inventory:
+    """NodeArgs to NodeSpecs: what an arg says wins over the SSH config, which wins over
+    the defaults (port 22, the local user, ~/.ssh/known_hosts)."""
     config_path = ssh_config if ssh_config is not None else DEFAULT_SSH_CONFIG
     config = load_ssh_config(config_path)
-    nodes: list[NodeSpec] = []
-    for word in words:
-        arg = parse_node_arg(word)
-        entry = config.lookup(arg.host)
-        identities = entry.get("identityfile") or []
-        known = entry.get("userknownhostsfile", str(DEFAULT_KNOWN_HOSTS)).split()[0]
-        try:
-            port = arg.port or int(entry.get("port", 22))
-        except ValueError as exc:
-            raise InventoryError(f"bad Port in SSH config: {entry.get('port')}", arg.host) from exc
-        nodes.append(
-            NodeSpec(
-                name=arg.host,
-                host=entry.get("hostname", arg.host),
-                user=arg.user or entry.get("user") or default_user or getpass.getuser(),
-                port=port,
-                identity_file=str(Path(identities[0]).expanduser()) if identities else None,
-                known_hosts=str(Path(known).expanduser()),
-                flavor=arg.flavor,
-            )
-        )
+    nodes = [_node_spec(arg, config, default_user) for arg in args]
     _check_unique(nodes)
     return Inventory(nodes=tuple(nodes), ssh_config=str(config_path.expanduser()))
+
+
+def _node_spec(arg: NodeArg, config: paramiko.SSHConfig, default_user: str | None) -> NodeSpec:
+    entry = config.lookup(arg.host)
+    identities = [arg.identity_file] if arg.identity_file else entry.get("identityfile") or []
+    known = entry.get("userknownhostsfile", str(DEFAULT_KNOWN_HOSTS)).split()[0]
+    try:
+        port = arg.port or int(entry.get("port", 22))
+    except ValueError as exc:
+        raise InventoryError(f"bad Port in SSH config: {entry.get('port')}", arg.host) from exc
+    return NodeSpec(
+        name=arg.host,
+        host=arg.hostname or entry.get("hostname", arg.host),
+        user=arg.user or entry.get("user") or default_user or getpass.getuser(),
+        port=port,
+        identity_file=str(Path(identities[0]).expanduser()) if identities else None,
+        known_hosts=str(Path(known).expanduser()),
+        flavor=arg.flavor,
+    )
 
 
 def _check_unique(nodes: list[NodeSpec]) -> None:
