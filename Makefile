@@ -2,7 +2,8 @@
 SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
-DF := $(VENV)/bin/deepfleet
+# V=1: everything the libraries print too (it always goes to the job logs)
+DF := $(VENV)/bin/deepfleet$(if $(filter 1,$(V)), -v)
 FLAVOR ?= cpu
 BASE_IMAGE ?= local
 LAB_NODES ?= 2
@@ -30,7 +31,8 @@ INFER_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(RUN),--run $(RUN)) \
               $(if $(SLOTS),--slots "$(SLOTS)") $(if $(MODE),--mode $(MODE))
 PROMPT ?= The lighthouse keeper
 
-.PHONY: setup docker venv images lab-up lab-down up status train infer down doctor fetch-model \
+.PHONY: setup docker venv images lab-up lab-down up status train infer logs shell down doctor \
+        fetch-model \
         demo test bench \
         test-unit test-node test-integration lint fmt clean
 
@@ -69,6 +71,13 @@ train: venv
 
 infer: venv
 	$(DF) infer $(INFER_ARGS) $(if $(PROMPTS),,--prompt "$(PROMPT)")
+
+# MACHINE=lab2 one machine only, FOLLOW=1 keep printing, JOB=run a named job's logs
+logs: venv
+	$(DF) logs $(MACHINE) $(if $(filter 1,$(FOLLOW)),-f) $(if $(JOB),--job $(JOB))
+
+shell: venv
+	$(DF) shell $(or $(MACHINE),$(firstword $(NODES)))
 
 down: venv
 	$(DF) down

@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Make sure a Docker engine answers. Uses a running one; otherwise installs Debian's
 # docker.io (and debootstrap, used to make local base images) and starts dockerd.
+# Also OpenSSH's client where it is missing.
 set -euo pipefail
-if docker info >/dev/null 2>&1; then
+need=()
+# `deepfleet shell` hands the terminal to OpenSSH's client (its test needs one too)
+command -v ssh >/dev/null || need+=(openssh-client)
+if docker info >/dev/null 2>&1 && [ "${#need[@]}" -eq 0 ]; then
   exit 0
 fi
-need=()
 command -v dockerd >/dev/null || need+=(docker.io)
 command -v debootstrap >/dev/null || need+=(debootstrap)
 if [ "${#need[@]}" -gt 0 ]; then

@@ -6,14 +6,17 @@ extra CA certificates and the optional local wheelhouse, so Dockerfiles stay sta
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import progress
 from .errors import ImageError
 from .manifest import images_dir, read_manifest, torch_index
+from .state import default_dir
 
 FLAVORS = ("cpu", "cuda", "rocm")
 # BASE_IMAGE=local makes this Debian base with debootstrap where no registry is reachable.
@@ -107,7 +110,7 @@ def ensure_local_base(root: Path) -> None:
         raise ImageError(f"could not make the local base image {LOCAL_BASE} (see output above)")
 
 
-def build(client, req: BuildRequest, out=sys.stdout) -> str:
+def build(client, req: BuildRequest, out=sys.stdout, verbose: bool = True) -> str:
     """Build the image with docker-py's API client; returns the image ID."""
     if req.flavor not in FLAVORS:
         raise ImageError(f"unknown flavor {req.flavor!r}; choose one of {', '.join(FLAVORS)}")
@@ -116,10 +119,11 @@ def build(client, req: BuildRequest, out=sys.stdout) -> str:
         ensure_local_base(root)
     stage_context(req, root)
     args = build_args(req, read_manifest(root / "versions.env"))
-    return _run_build(client, root, f"Dockerfile.{req.flavor}", req.resolved_tag(), args, out)
+    tag = req.resolved_tag()
+    return _run_build(client, root, f"Dockerfile.{req.flavor}", tag, args, out, verbose)
 
 
-def build_relay(client, base_image: str = "local", out=sys.stdout) -> str:
+def build_relay(client, base_image: str = "local", out=sys.stdout, verbose: bool = True) -> str:
     """The image relay's own small image (images/Dockerfile.relay), from the same base."""
     root = images_dir()
     req = BuildRequest(flavor="cpu", base_image=base_image)
@@ -132,12 +136,68 @@ def build_relay(client, base_image: str = "local", out=sys.stdout) -> str:
         "BUSYBOX_VERSION": manifest["BUSYBOX_VERSION"],
         **({"BASE_IMAGE": base} if base else {}),
     }
-    return _run_build(client, root, "Dockerfile.relay", RELAY_TAG, args, out)
+    return _run_build(client, root, "Dockerfile.relay", RELAY_TAG, args, out, verbose)
 
 
-def _run_build(client, root: Path, dockerfile: str, tag: str, args: dict, out) -> str:
+# the classic builder's line for each Dockerfile instruction: "Step 3/25 : RUN ..."
+_STEP = re.compile(r"^Step (\d+)/(\d+) :")
+
+
+class BuildOutput:
+    """Where a build's output goes: all of it to the terminal (verbose), or to a log file
+    with one progress line over the Dockerfile's steps on the terminal."""
+
+    def __init__(self, tag: str, out, verbose: bool, log_dir: Path | None = None):
+        self.out, self.verbose = out, verbose
+        self.log_path = (
+            log_dir or default_dir()
+        ) / f"build-{re.sub(r'[^A-Za-z0-9.-]', '_', tag)}.log"
+        self.log = None
+        self.bar = None
+        if not verbose:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+            self.log = self.log_path.open("w", encoding="utf-8")
+            self.board = progress.Board(out)
+            self.bar = self.board.bar(f"build {tag}", 0, unit="step")
+
+    def write(self, text: str) -> None:
+        if self.verbose:
+            self.out.write(text)
+            self.out.flush()
+            return
+        self.log.write(text)
+        for line in text.splitlines():
+            step = _STEP.match(line)
+            if step:
+                self.bar.set_total(int(step.group(2)))
+                self.bar.update_to(int(step.group(1)))
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+            self.board.close()
+
+    def where(self) -> str:
+        return "" if self.verbose else f" (full output: {self.log_path})"
+
+
+def _run_build(
+    client, root: Path, dockerfile: str, tag: str, args: dict, out, verbose: bool = True
+) -> str:
     if not (root / dockerfile).is_file():
         raise ImageError(f"{root / dockerfile} is missing")
+    image_id = None
+    shown = BuildOutput(tag, out, verbose)
+    try:
+        image_id = _stream_build(client, root, dockerfile, tag, args, shown)
+    finally:
+        shown.close()
+    if image_id is None:
+        image_id = client.images.get(tag).id
+    return image_id
+
+
+def _stream_build(client, root: Path, dockerfile: str, tag: str, args: dict, shown) -> str | None:
     image_id = None
     stream = client.api.build(
         path=str(root),
@@ -150,12 +210,10 @@ def _run_build(client, root: Path, dockerfile: str, tag: str, args: dict, out) -
     )
     for chunk in stream:
         if "stream" in chunk:
-            out.write(chunk["stream"])
-            out.flush()
+            shown.write(chunk["stream"])
         if "aux" in chunk and "ID" in chunk["aux"]:
             image_id = chunk["aux"]["ID"]
         if "error" in chunk:
-            raise ImageError(f"building {tag} failed: {chunk['error'].strip()}")
-    if image_id is None:
-        image_id = client.images.get(tag).id
+            shown.write(chunk["error"])
+            raise ImageError(f"building {tag} failed: {chunk['error'].strip()}{shown.where()}")
     return image_id

@@ -9,7 +9,21 @@ import signal
 import sys
 from pathlib import Path
 
-from . import cluster, doctor, jobrun, jobs, launch, memfit, relay, reports, trainplan
+from . import (
+    cluster,
+    clusterfile,
+    doctor,
+    joblogs,
+    jobrun,
+    jobs,
+    launch,
+    machine_exec,
+    memfit,
+    relay,
+    reports,
+    status,
+    trainplan,
+)
 from .build import BuildRequest, build, build_relay
 from .connect import DEFAULT_STALL, STALL_ENV, first_line
 from .errors import DeepfleetError, Interrupted, JobError, raise_interrupted
@@ -35,19 +49,37 @@ def _slots(values: list[str]) -> dict[str, int]:
     return slots
 
 
-def cmd_up(args) -> int:
+def _inventory(args) -> tuple[Inventory, clusterfile.ClusterFile | None]:
+    """The machines from NODES words or from a cluster file, never both."""
+    if getattr(args, "cluster_file", None):
+        if args.nodes:
+            raise DeepfleetError("give the machines as NODES or in --cluster-file, not both")
+        loaded = clusterfile.load(args.cluster_file)
+        return loaded.inventory(), loaded
     ssh_config = Path(args.ssh_config) if args.ssh_config else DEFAULT_SSH_CONFIG
-    inventory = resolve(_split_nodes(args.nodes), ssh_config)
+    return resolve(_split_nodes(args.nodes), ssh_config), None
+
+
+def _given(flag, from_file, default):
+    """A flag typed on the command line wins over the cluster file, which wins over the default."""
+    return next((v for v in (flag, from_file) if v is not None), default)
+
+
+def cmd_up(args) -> int:
+    inventory, cf = _inventory(args)
     opts = cluster.UpOptions(
-        image=args.image,
-        default_flavor=args.flavor,
-        compose_overrides=[Path(p) for p in args.compose_override],
-        cpu_slots=args.cpu_slots,
-        slots=_slots(args.slots),
+        image=args.image or (cf and cf.image),
+        default_flavor=args.flavor or (cf and cf.flavor),
+        compose_overrides=[
+            *(cf.compose_overrides if cf else ()),
+            *map(Path, args.compose_override),
+        ],
+        cpu_slots=_given(args.cpu_slots, cf and cf.cpu_slots, 1),
+        slots={**(cf.slots if cf else {}), **_slots(args.slots)},
         pull=args.pull,
         timeout=args.timeout,
         use_relay=args.use_relay,
-        relay_port=args.relay_port,
+        relay_port=_given(args.relay_port, cf and cf.relay_port, relay.RELAY_PORT),
     )
     if args.dry_run:
         print(cluster.dry_run(inventory, opts))
@@ -57,40 +89,12 @@ def cmd_up(args) -> int:
 
 
 def cmd_status(args) -> int:
-    store = StateStore(args.state_dir)
-    state = store.load()
-    states = cluster.container_states(state, args.timeout)
-    rows = []
-    for node in state.nodes:
-        status = states[node.spec.name]
-        report = node.parsed_report() if node.report else None
-        rows.append(
-            {
-                "node": node.spec.name,
-                "address": node.spec.host,
-                "container": node.container_name,
-                "state": status,
-                "flavor": node.flavor,
-                "gpus": report.gpu_summary if report else "?",
-                "versions": report.versions if report else {},
-                "cpus": report.cpu_count if report else None,
-            }
-        )
+    state = StateStore(args.state_dir).load()
+    current = status.gather(state, args.timeout)
     if getattr(args, "json", False):
-        print(json.dumps({"cluster": state.cluster, "nodes": rows}, indent=2))
-        return 0
-    print(f"cluster {state.cluster}")
-    print(
-        f"{'NODE':<12} {'ADDRESS':<16} {'STATE':<10} {'FLAVOR':<6} {'CPUS':>4}  "
-        f"{'GPUS':<24} VERSIONS"
-    )
-    for r in rows:
-        v = r["versions"]
-        versions = " ".join(f"{k}={v.get(k)}" for k in ("torch", "deepspeed", "transformers"))
-        print(
-            f"{r['node']:<12} {r['address']:<16} {r['state']:<10} {r['flavor']:<6} "
-            f"{r['cpus'] or '?':>4}  {r['gpus']:<24} {versions}"
-        )
+        print(json.dumps(current, indent=2))
+    else:
+        print(status.render(current))
     return 0
 
 
@@ -136,7 +140,15 @@ def _run_options(args) -> RunOptions:
         collective_timeout=args.collective_timeout,
         preflight_timeout=args.preflight_timeout,
         backend=args.backend,
+        verbose=args.verbose,
     )
+
+
+def _add_cluster_file(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--cluster-file", metavar="FILE", default=None,
+        help="machines and options from a cluster.yaml (`deepfleet init` writes one)",
+    )  # fmt: skip
 
 
 def _add_backend(p: argparse.ArgumentParser) -> None:
@@ -299,21 +311,69 @@ def cmd_infer(args) -> int:
         StateStore(args.state_dir), args.timeout, heal=True, refresh=True
     )
     try:
-        _, records = jobs.infer(session, req)
+        jobs.infer(session, req)  # rank 0 prints each completion as the results merge
     finally:
         session.close()
-    for record in records:
-        print(f"{record.get('prompt')!r} => {record.get('completion')!r}")
     return 0
+
+
+def _machines(session, wanted: list[str]) -> list[str]:
+    names = [n.spec.name for n in session.state.nodes]
+    for name in wanted:
+        if name not in names:
+            raise DeepfleetError(f"no machine {name!r} in this cluster ({', '.join(names)})")
+    return wanted or names
+
+
+def cmd_logs(args) -> int:
+    store = StateStore(args.state_dir)
+    session = cluster.open_session(store, args.timeout)
+    try:
+        machines = _machines(session, [args.machine] if args.machine else [])
+        master = session.master
+        job = args.job or joblogs.current_job(
+            session.clients[master], session.node_state(master).container_id
+        )
+        if not job:
+            raise DeepfleetError("no job has run on this cluster yet (or give --job RUN)")
+        sources = [
+            joblogs.Source(m, session.clients[m], session.node_state(m).container_id)
+            for m in machines
+        ]
+        missing = joblogs.stream(sources, job, args.follow, args.lines)
+    finally:
+        session.close()
+    if missing and len(missing) == len(sources):
+        raise DeepfleetError(f"no logs of job {job!r} on {', '.join(missing)}")
+    for name in missing:
+        print(f"deepfleet: [{name}] holds no log of job {job} (it ran no rank)", file=sys.stderr)
+    return 0
+
+
+def cmd_exec(args) -> int:
+    command = args.command[1:] if args.command[:1] == ["--"] else args.command
+    if not command:
+        raise DeepfleetError("exec: give a command after the machine: exec lab1 -- nvidia-smi")
+    session = cluster.open_session(StateStore(args.state_dir), args.timeout)
+    try:
+        return machine_exec.run(session, args.machine, command)
+    finally:
+        session.close()
+
+
+def cmd_shell(args) -> int:
+    state = StateStore(args.state_dir).load()
+    argv = machine_exec.shell_argv(state, args.machine, args.command)
+    sys.stdout.flush()
+    os.execvp(argv[0], argv)  # ssh owns the terminal from here; its exit status is ours
 
 
 def cmd_doctor(args) -> int:
     import docker
 
     store = StateStore(args.state_dir)
-    if args.nodes:
-        ssh_config = Path(args.ssh_config) if args.ssh_config else DEFAULT_SSH_CONFIG
-        nodes = list(resolve(_split_nodes(args.nodes), ssh_config).nodes)
+    if args.nodes or args.cluster_file:
+        nodes = list(_inventory(args)[0].nodes)
         cluster_up = False
     else:
         nodes = list(store.load().inventory.nodes)
@@ -323,15 +383,40 @@ def cmd_doctor(args) -> int:
         local.ping()
     except Exception:
         local = None
-        print("[local] warn docker: no engine here, images cannot be streamed from this machine")
-    checks = doctor.run(nodes, local, args.image, cluster_up, args.timeout)
+    checks = [] if local is not None else [doctor.no_local_engine()]
+    checks += doctor.run(nodes, local, args.image, cluster_up, args.timeout)
     if cluster_up:  # the same network checks a job's launch runs first
         checks += doctor.cluster_network_checks(store, args.timeout)
-    for check in checks:
-        print(check.line())
-    failed = [c for c in checks if c.level == "FAIL"]
-    print(f"doctor: {len(checks)} checks, {len(failed)} failed")
-    return 1 if failed else 0
+    print(doctor.render(checks, ascii=doctor.wants_ascii(sys.stdout)))
+    print(doctor.summary(checks))
+    if doctor.blocks_up(checks):
+        print("doctor: `up` would fail until the failed rows above are fixed", file=sys.stderr)
+    # a FAIL that does not stop `up` (a blocked port between machines) still stops a job
+    return 1 if any(c.level == "FAIL" for c in checks) else 0
+
+
+def cmd_init(args) -> int:
+    """A commented cluster file from NODES, or from the cluster that is up."""
+    if args.nodes:
+        inventory, _ = _inventory(args)
+        image, slots, overrides = args.image, _slots(args.slots), list(args.compose_override)
+    else:
+        state = StateStore(args.state_dir).load()
+        inventory, image, slots, overrides = (
+            state.inventory, args.image or state.image or None, dict(state.slots),
+            list(state.compose_overrides),
+        )  # fmt: skip
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise DeepfleetError(f"{out} exists; --force to replace it")
+    text = clusterfile.render_init(
+        inventory, image=image, slots=slots, compose_overrides=[Path(p) for p in overrides],
+        ssh_config=args.ssh_config, name=out.name,
+    )  # fmt: skip
+    out.write_text(text)
+    machines = len(inventory.nodes)
+    print(f"deepfleet: wrote {out} ({machines} machines): deepfleet up --cluster-file {out}")
+    return 0
 
 
 def cmd_build(args) -> int:
@@ -346,9 +431,9 @@ def cmd_build(args) -> int:
         tag=args.tag,
     )
     client = docker.from_env(timeout=3600)
-    image_id = build(client, req)
+    image_id = build(client, req, verbose=args.verbose)
     print(f"deepfleet: built {req.resolved_tag()} ({image_id[:19]})")
-    relay_id = build_relay(client, args.base_image)
+    relay_id = build_relay(client, args.base_image, verbose=args.verbose)
     print(f"deepfleet: built {relay.RELAY_IMAGE} ({relay_id[:19]}), the image relay")
     return 0
 
@@ -361,17 +446,24 @@ def parser() -> argparse.ArgumentParser:
         "--stall-timeout", type=float, default=None, metavar="S",
         help=f"fail a transfer that makes no progress this long (default {DEFAULT_STALL:.0f})",
     )  # fmt: skip
+    p.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="show the libraries' chatter too (it always goes to the job logs)",
+    )  # fmt: skip
     sub = p.add_subparsers(dest="cmd", required=True)
 
     up = sub.add_parser("up", help="start one container per node and plan the cluster")
-    up.add_argument("nodes", nargs="+", help="[user@]host[:port][=flavor] or SSH config alias")
+    up.add_argument("nodes", nargs="*", help="[user@]host[:port][=flavor] or SSH config alias")
+    _add_cluster_file(up)
     up.add_argument("--ssh-config", default=os.environ.get("DEEPFLEET_SSH_CONFIG"))
     up.add_argument("--image", default=None, help="node image (default deepfleet/<flavor>:latest)")
     up.add_argument(
         "--flavor", default=None, choices=("cpu", "cuda", "rocm"), help="default: per machine"
     )
     up.add_argument("--compose-override", action="append", default=[], metavar="FILE")
-    up.add_argument("--cpu-slots", type=int, default=1, help="processes per CPU-only node")
+    up.add_argument(
+        "--cpu-slots", type=int, default=None, help="processes per CPU-only node (default 1)"
+    )
     up.add_argument("--slots", action="append", default=[], metavar="NODE=N")
     up.add_argument("--pull", choices=("auto", "always", "never"), default="auto")
     up.add_argument(
@@ -379,8 +471,9 @@ def parser() -> argparse.ArgumentParser:
         help="stream the image from here to each machine instead of machine to machine",
     )  # fmt: skip
     up.add_argument(
-        "--relay-port", type=int, default=relay.RELAY_PORT,
-        help="the port each machine listens on for the image from the one before it",
+        "--relay-port", type=int, default=None,
+        help=f"the port each machine listens on for the image from the one before it "
+        f"(default {relay.RELAY_PORT})",
     )  # fmt: skip
     up.add_argument("--dry-run", action="store_true", help="print the container specs only")
     up.set_defaults(func=cmd_up, json=False)
@@ -470,14 +563,42 @@ def parser() -> argparse.ArgumentParser:
 
     dr = sub.add_parser("doctor", help="check the machines and say how to fix what is wrong")
     dr.add_argument("nodes", nargs="*", help="default: the nodes of the cluster that is up")
+    _add_cluster_file(dr)
     dr.add_argument("--ssh-config", default=os.environ.get("DEEPFLEET_SSH_CONFIG"))
     dr.add_argument("--image", default=None)
     dr.set_defaults(func=cmd_doctor)
+
+    lg = sub.add_parser("logs", help="a job's logs from every machine, each line labelled")
+    lg.add_argument("machine", nargs="?", help="one machine only (default: all)")
+    lg.add_argument("-f", "--follow", action="store_true", help="keep printing as they grow")
+    lg.add_argument("--job", default=None, metavar="RUN", help="default: the latest job")
+    lg.add_argument("-n", "--lines", type=int, default=None, help="the last N lines of each")
+    lg.set_defaults(func=cmd_logs)
+
+    ex = sub.add_parser("exec", help="run a command in a machine's node container")
+    ex.add_argument("machine")
+    ex.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD [ARGS...]")
+    ex.set_defaults(func=cmd_exec)
+
+    sh = sub.add_parser("shell", help="an interactive shell in a machine's node container")
+    sh.add_argument("machine")
+    sh.add_argument("command", nargs="?", default="bash", help="default bash")
+    sh.set_defaults(func=cmd_shell)
 
     fm = sub.add_parser("fetch-model", help="copy a run's HF export to this machine")
     fm.add_argument("--run", default="demo")
     fm.add_argument("--dest", default="", help="default models/<run>")
     fm.set_defaults(func=cmd_fetch_model)
+
+    it = sub.add_parser("init", help="write a commented cluster.yaml from NODES or the cluster")
+    it.add_argument("nodes", nargs="*", help="as up's; default: the cluster that is up")
+    it.add_argument("--ssh-config", default=os.environ.get("DEEPFLEET_SSH_CONFIG"))
+    it.add_argument("--image", default=None)
+    it.add_argument("--slots", action="append", default=[], metavar="NODE=N")
+    it.add_argument("--compose-override", action="append", default=[], metavar="FILE")
+    it.add_argument("--out", default="cluster.yaml")
+    it.add_argument("--force", action="store_true", help="replace the file if it exists")
+    it.set_defaults(func=cmd_init)
 
     bd = sub.add_parser("build-image", help="build a node image from images/")
     bd.add_argument("--flavor", default="cpu", choices=("cpu", "cuda", "rocm"))

@@ -7,6 +7,7 @@ everything it made when any step fails, so a failed `up` leaves nothing behind.
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sys
 from dataclasses import dataclass, field
@@ -75,7 +76,9 @@ def image_for(flavor: str, opts: UpOptions) -> str:
 
 def container_spec(node: NodeSpec, flavor: str, cluster: str, pubkey: str, opts: UpOptions):
     image = image_for(flavor, opts)
+    # compose interpolates from the operator's environment, deepfleet's own values over it
     env = {
+        **os.environ,
         "DEEPFLEET_IMAGE": image,
         "DEEPFLEET_CONTAINER": CONTAINER_NAME,
         "DEEPFLEET_CLUSTER": cluster,
@@ -238,20 +241,6 @@ def _saved_options(state: ClusterState) -> UpOptions:
         cpu_slots=state.cpu_slots,
         slots=dict(state.slots),
     )
-
-
-def container_states(state: ClusterState, timeout: float) -> dict[str, str]:
-    """Each node's container state, asked of every node at once; unreachable ones say why."""
-
-    def ask(node: NodeState) -> str:
-        client = connect(node.spec, timeout)
-        try:
-            return containers.state_of(client, node.container_name)
-        finally:
-            client.close()
-
-    results, errors = fan_out(state.nodes, ask, lambda n: n.spec.name)
-    return {**results, **{name: f"unreachable: {exc}" for name, exc in errors.items()}}
 
 
 def _log(out, text: str) -> None:

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import docker
 
-from . import hostfile, launch, preflight, transfer
+from . import hostfile, joblogs, launch, preflight, transfer
 from .cluster import CLUSTER_KEY, SSH_DIR, Session
 from .connect import docker_cause
 from .errors import ContainerError, JobError, ignoring_interrupts
@@ -38,22 +38,26 @@ class RunOptions:
     preflight_timeout: float = 5.0
     backend: str | None = None  # cuda | rocm | cpu; None: the group with the most capacity
     mixed: bool = False  # every backend group in one gloo world (replicas, --bridge)
+    verbose: bool = False  # the libraries' chatter on the terminal too, not only in the logs
 
 
-def launch_env(plan: ClusterPlan, options: RunOptions) -> dict[str, str]:
+def launch_env(plan: ClusterPlan, options: RunOptions, job: str) -> dict[str, str]:
     return {
         **plan.env,
         "HF_HUB_OFFLINE": "1",
         PG_TIMEOUT_ENV: f"{options.collective_timeout:.0f}",
         HEARTBEAT_ENV: HEARTBEAT_DIR,
+        **joblogs.launch_env(job),
     }
 
 
-def write_launch_files(session: Session, plan: ClusterPlan, options: RunOptions) -> None:
-    """The master's hostfile, .deepspeed_env and ssh config for this launch."""
+def write_launch_files(session: Session, plan: ClusterPlan, options: RunOptions, job: str) -> None:
+    """The master's hostfile, .deepspeed_env and ssh config for this launch, and the
+    job its logs go under."""
     master = session.master
     container = session.container(master)
-    env = hostfile.render_deepspeed_env(launch_env(plan, options)).encode()
+    run_on(session, master, joblogs.mark_current_argv(job))
+    env = hostfile.render_deepspeed_env(launch_env(plan, options, job)).encode()
     ssh_config = hostfile.render_ssh_config(plan, CLUSTER_KEY, f"{SSH_DIR}/known_hosts").encode()
     transfer.put_files(
         container, RUN_DIR, {"hostfile": (hostfile.render_hostfile(plan).encode(), 0o644)}, master
@@ -114,8 +118,10 @@ def run_job(
     secrets: dict | None = None,
     options: RunOptions | None = None,
     checked: bool = False,
+    job: str = "job",
 ) -> list[str]:
-    """Launch `module` on the plan; `checked`: ready_cluster already ran for this job."""
+    """Launch `module` on the plan; `checked`: ready_cluster already ran for this job;
+    `job`: the name its logs go under on every machine (joblogs)."""
     options = options or RunOptions()
     if not checked:
         ready_cluster(session, slots, options, out)
@@ -125,9 +131,12 @@ def run_job(
     every = {n.spec.name: n.container_id for n in session.state.nodes}
     # the planned nodes, and the master: the launcher runs there even when it has no slot
     containers = {name: every[name] for name in [master, *(n.name for n in plan.nodes)]}
-    write_launch_files(session, plan, options)
+    write_launch_files(session, plan, options, job)
     spec = launch.launch_spec(plan, module, args, master)
-    out.write(f"deepfleet: {spec.shell()}\n")
+    if options.verbose:
+        out.write(f"deepfleet: {spec.shell()}\n")
+    out.write(f"deepfleet: job {job}: every rank's output in {joblogs.job_dir(job)} on its "
+              f"machine (`deepfleet logs --job {job}`)\n")  # fmt: skip
 
     stopped: list[str] = []  # the first fault stops the job; what it sets off is its echo
 
@@ -155,6 +164,7 @@ def run_job(
         result = launch.run(
             session.clients[master], containers[master], plan, spec, out,
             redact=list((secrets or {}).values()), on_rank_failed=rank_failed, watchdog=watchdog,
+            verbose=options.verbose,
         )  # fmt: skip
     except KeyboardInterrupt as exc:  # Ctrl-C, and SIGTERM/SIGHUP (see cli.main)
         watchdog.stop()

@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from . import inferplan, inputs, launch, memfit, progress, trainplan, transfer
+from . import inferplan, inputs, joblogs, launch, memfit, progress, trainplan, transfer
 from .cluster import Session
 from .connect import fan_out
 from .containers import exec_text
@@ -280,6 +280,7 @@ def resolve_model(session: Session, model: str, out, secrets: dict[str, str]) ->
 def check_inputs(req: TrainRequest) -> None:
     """Both inputs, before anything is built or copied: a bad row or a folder without
     weights is one line here, not a transfer followed by a traceback per rank."""
+    joblogs.job_name(req.run)  # the run names the job's logs too
     if req.data != DEMO:
         if not is_local(req.data):
             raise DeepfleetError(f"data {req.data!r} is not a file or directory on this machine")
@@ -375,6 +376,7 @@ def train(session: Session, req: TrainRequest, out=sys.stdout, environ=None) -> 
     slots = {**req.slots, **tp.slots}  # with the machines the memory fit left out
     return run_job(
         session, train_module(req), args, out, slots, secrets, options, checked=True,
+        job=joblogs.job_name(req.run),
     )  # fmt: skip
 
 
@@ -413,6 +415,7 @@ def infer(
     secrets = secrets_from(environ if environ is not None else os.environ)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     job = f"{run_dir(req.run)}/infer-{stamp}"
+    log_job = joblogs.job_name(req.run, "infer")
     prompts = _prompt_records(req)  # checked before anything is copied
     ready_cluster(session, req.slots, replace(req.options, mixed=req.options.backend is None), out)
     if not req.model:
@@ -432,7 +435,7 @@ def infer(
     run_job(
         session, "deepfleet_node.infer",
         infer_args(req, model, f"{job}/prompts.jsonl", result, chosen.mode),
-        out, chosen.slots, secrets, options, checked=True,
+        out, chosen.slots, secrets, options, checked=True, job=log_job,
     )  # fmt: skip
     data = transfer.fetch_file(session.container(session.master), result, session.master)
     local = Path(req.output or f"outputs/{req.run}-{stamp}.jsonl")

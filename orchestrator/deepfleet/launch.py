@@ -32,6 +32,16 @@ SSH_LOST = re.compile(r"^pdsh@\S+: (\S+): ssh exited with exit code (255)")
 ERROR_LINE = re.compile(
     r"^(?:\[rank\d+\]:\s*)?((?:[A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)|error)\b:? ?.*)"
 )  # torch prefixes a rank's traceback lines with [rankN]:
+# Library chatter the terminal leaves to the machines' job logs (`deepfleet logs`, or
+# everything with -v): DeepSpeed's logger below ERROR, c10's glog-style info and warning
+# lines, Python warnings with the source line they quote, and the job log's own header.
+CHATTER = re.compile(
+    r"^(?:\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\] \[(?:DEBUG|INFO|WARNING)\]"
+    r"|\[[IW]\d{4} \d\d:\d\d:\d\d"
+    r"|\S+\.py:\d+: \w*Warning: "
+    r"|\s+warnings\.warn\("
+    r"|=== \S+ rank \d+ on )"
+)
 # Processes a job leaves in a node container: the launcher, pdsh, its ssh hops, the ranks.
 # The brackets keep the pattern from matching the shell that runs pkill with it.
 JOB_PROCESSES = "[d]eepspeed|[d]eepfleet_node[.](train|infer|bridge)|[p]dsh"
@@ -102,9 +112,11 @@ class LinePrefixer:
         write: Callable[[str], None],
         redact: Sequence[str] = (),
         on_rank_failed: Callable[[str, int], None] | None = None,
+        verbose: bool = True,
     ):
         self.plan = plan
         self.write = write
+        self.verbose = verbose
         self.redact = [r for r in redact if r]
         self.on_rank_failed = on_rank_failed
         self.failed: tuple[str, int] | None = None  # the first node whose rank died, its code
@@ -145,7 +157,8 @@ class LinePrefixer:
         node, text = self.split(line.rstrip("\r"))
         labelled = f"[{node}] {text}"
         self.lines.append(labelled)
-        self.write(labelled + "\n")
+        if self.verbose or not CHATTER.match(text):
+            self.write(labelled + "\n")
         error = ERROR_LINE.match(text.strip())
         if error:
             self.errors[node] = error.group(1)
@@ -182,15 +195,17 @@ def run(
     redact=(),
     on_rank_failed: Callable[[str, int], None] | None = None,
     watchdog: Watchdog | None = None,
+    verbose: bool = True,
 ) -> LaunchResult:
-    """Run the launcher and stream its labelled output, while the watchdog watches."""
+    """Run the launcher and stream its labelled output, while the watchdog watches;
+    verbose=False leaves the libraries' chatter to the job logs."""
     out = out or sys.stdout
 
     def write(text: str) -> None:
         out.write(text)
         out.flush()
 
-    prefixer = LinePrefixer(plan, write, redact, on_rank_failed)
+    prefixer = LinePrefixer(plan, write, redact, on_rank_failed, verbose)
     stream = ExecStream(client, container_id, spec.argv, env=spec.env, workdir=spec.workdir)
     if watchdog is not None:
         watchdog.start()

@@ -27,9 +27,11 @@ def _is_tty(out) -> bool:
 class Bar:
     """One machine's transfer. update_to() takes the bytes done so far, from any thread."""
 
-    def __init__(self, board: Board, label: str, total: int, position: int):
+    def __init__(self, board: Board, label: str, total: int, position: int, unit: str = "B"):
         self._board = board
         self._label = label
+        self._unit = unit
+        self._scale = unit == "B"  # bytes in kB/MB/GB; counted things as they are
         self._total = max(total, 0)
         self._done = 0
         self._began = time.monotonic()
@@ -38,10 +40,18 @@ class Bar:
         self._bar = None
         if board.tty:
             self._bar = tqdm(
-                total=self._total or None, desc=label, unit="B", unit_scale=True,
+                total=self._total or None, desc=label, unit=unit, unit_scale=self._scale,
                 unit_divisor=1000, position=position, leave=False, file=board.out,
                 dynamic_ncols=True, mininterval=0.5,
             )  # fmt: skip
+
+    def set_total(self, total: int) -> None:
+        """For a count first known after the start (an image build's number of steps)."""
+        with self._lock:
+            self._total = max(total, 0)
+            if self._bar is not None:
+                self._bar.total = self._total or None
+                self._bar.refresh()
 
     def update_to(self, done: int) -> None:
         with self._lock:
@@ -59,7 +69,7 @@ class Bar:
     def meter(self) -> str:
         return tqdm.format_meter(
             self._done, self._total or None, time.monotonic() - self._began,
-            prefix=self._label, unit="B", unit_scale=True, unit_divisor=1000,
+            prefix=self._label, unit=self._unit, unit_scale=self._scale, unit_divisor=1000,
         )  # fmt: skip
 
     def close(self) -> None:
@@ -78,9 +88,9 @@ class Board:
         self._bars: list[Bar] = []
         self._lock = threading.Lock()
 
-    def bar(self, label: str, total: int) -> Bar:
+    def bar(self, label: str, total: int, unit: str = "B") -> Bar:
         with self._lock:
-            bar = Bar(self, label, total, len(self._bars))
+            bar = Bar(self, label, total, len(self._bars), unit)
             self._bars.append(bar)
             return bar
 

@@ -28,10 +28,11 @@ def exit_after_success() -> None:
     import logging
     import sys
 
-    from . import heartbeat
+    from . import heartbeat, joblog
 
     heartbeat.finish()
     logging.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
+    joblog.finish()
     os._exit(0)

@@ -24,7 +24,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import balance, heartbeat
+from . import balance, heartbeat, joblog
 from ._log import exit_after_success, say
 from .netif import pin_socket_interfaces
 
@@ -138,12 +138,14 @@ def free_port() -> int:
 
 def ensure_dist_env() -> None:
     """Give a launcher-less run the env a one-rank process group needs, and bind the
-    collectives to the interface that reaches the master (see netif)."""
+    collectives to the interface that reaches the master (see netif). The rank's output
+    goes to its machine's job log from here on (see joblog)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
         for key, value in defaults.items():
             os.environ.setdefault(key, value)
         os.environ.setdefault("MASTER_PORT", str(free_port()))
+    joblog.start()
     pin_socket_interfaces()
     heartbeat.start()
 
@@ -298,7 +300,9 @@ def quiet_libraries(verbose: bool) -> None:
     from deepspeed.utils import logger as ds_logger
 
     transformers.utils.logging.disable_progress_bar()
-    if not verbose:
+    # Under the operator the rank's whole output is its job log and the operator's
+    # terminal leaves the chatter out (see joblog), so nothing is dropped at the source.
+    if not verbose and not joblog.active():
         ds_logger.setLevel(logging.WARNING)
         # DeepSpeed still calls c10d functions torch has renamed; one warning per call site
         # per rank buries the progress lines.
