@@ -150,3 +150,27 @@ def test_shell_is_an_interactive_terminal_in_the_container(cluster):
     assert "answer=42" in text
     assert cluster.node_exec(2, ["cat", "/etc/hostname"])[1].strip() in text
     assert os.waitstatus_to_exitcode(code) == 3
+
+
+def _rows(doctor_stdout: str) -> list[tuple[str, str, str]]:
+    """(machine, check, mark) of each row of doctor's table; details hold timings."""
+    rows = []
+    for line in doctor_stdout.splitlines():
+        cells = line.split(None, 3)
+        if len(cells) >= 3 and cells[2] in ("✓", "!", "✗", "ok", "warn", "FAIL"):
+            rows.append(tuple(cells[:3]))
+    return rows
+
+
+def test_a_cluster_file_from_init_reaches_the_same_machines_as_nodes(cluster, tmp_path):
+    path = tmp_path / "cluster.yaml"
+    made = cluster.run("init", "--out", str(path))  # from the cluster that is up
+    assert "wrote" in made.stdout and "(3 machines)" in made.stdout
+    names = [n.name for n in cluster.lab.nodes]
+    by_words = cluster.run("doctor", "--ssh-config", str(cluster.lab.ssh_config), *names,
+                           check=False)  # fmt: skip
+    by_file = cluster.run("doctor", "--cluster-file", str(path), check=False)
+    assert by_words.returncode == by_file.returncode
+    rows = _rows(by_words.stdout)
+    assert {machine for machine, _, _ in rows} >= set(names), by_words.stdout
+    assert _rows(by_file.stdout) == rows, by_file.stdout

@@ -282,7 +282,8 @@ def test_uneven_shares_train_like_an_even_split(tmp_path, tiny_model, mixed_data
 
 BALANCE_LINE = re.compile(
     r"^balance: micro-batch per rank (\d+)/(\d+) \(relative speed ([\d.]+)/([\d.]+), "
-    r"from (calibration|the forward passes of steps 1-2)(; kept: no split 5% faster)?\)$",
+    r"from (calibration|the forward (?:and backward )?passes of steps 1-2)"
+    r"(; kept: no split 5% faster)?\)$",
     re.M,
 )
 
@@ -298,7 +299,7 @@ def test_speed_balancing_measures_and_trains_alike(tmp_path, tiny_model, mixed_d
     later = [x for x in logs[0].splitlines() if x.startswith("balance:")][1:]
     assert len(later) == 1 and "steps 1-2" in later[0], logs[0]
     if "kept: steps 1-2 held" in later[0]:
-        assert re.search(r"held [\d.]+ s of forward passes, under 1 s\)$", later[0])
+        assert re.search(r"held [\d.]+ s of forward (and backward )?passes, under 1 s\)$", later[0])
     for first, second, *speeds, _, _ in lines:
         assert int(first) + int(second) == 4
         assert max(float(s) for s in speeds) == 1.0
@@ -333,3 +334,21 @@ def test_caps_hold_a_fast_rank_to_what_its_memory_holds():
         assert sum(shares) == total and all(1 <= s <= c for s, c in zip(shares, caps, strict=True))
     with pytest.raises(ValueError, match="hold fewer than 10"):
         balance.shares_from_speeds([1, 1], 10, [4, 5])
+
+
+def test_what_the_rebalance_times_holds_no_collective():
+    from types import SimpleNamespace
+
+    from deepfleet_node import train
+
+    args = SimpleNamespace(balance="speed", shares=None, rebalance_after=3)
+    zero1 = train.make_balancer(args, world=3, stage=1, start=0, total=8, ga=2)
+    # ZeRO-1 reduces at the boundary: the micro-step before it, backward included
+    assert zero1.with_backward and zero1.timed_what() == "forward and backward passes"
+    assert [zero1.times(0, m, 2) for m in range(2)] == [True, False]
+    assert not zero1.times(3, 0, 2)  # past the rebalance
+    zero2 = train.make_balancer(args, world=3, stage=2, start=0, total=8, ga=2)
+    # ZeRO-2 reduces inside every backward: the forward alone, every micro-step
+    assert not zero2.with_backward and [zero2.times(0, m, 2) for m in range(2)] == [True, True]
+    one = train.make_balancer(args, world=3, stage=1, start=0, total=8, ga=1)
+    assert not one.with_backward  # no micro-step without the reduction

@@ -45,6 +45,10 @@ def _pct(value: Any) -> float | None:
         return None
 
 
+def _mem(raw: dict, units: dict, field: str) -> int | None:
+    return to_bytes(raw.get(field), units.get(field) or "MiB") if field in raw else None
+
+
 def parse_nvidia(text: str) -> list[dict]:
     """nvidia-smi --query-gpu CSV by its header; memory.total from used + free where a
     query asked for free instead."""
@@ -58,13 +62,10 @@ def parse_nvidia(text: str) -> list[dict]:
         if len(row) != len(names):
             raise ValueError(f"nvidia-smi CSV row {position + 1}: {_one_line(', '.join(row), 80)}")
         raw = dict(zip(names, row, strict=True))
-
-        def mem(field: str) -> int | None:
-            return to_bytes(raw.get(field), units.get(field) or "MiB") if field in raw else None
-
-        used, total = mem("memory.used"), mem("memory.total")
-        if total is None and used is not None and mem("memory.free") is not None:
-            total = used + mem("memory.free") + (mem("memory.reserved") or 0)
+        used, total = _mem(raw, units, "memory.used"), _mem(raw, units, "memory.total")
+        free = _mem(raw, units, "memory.free")
+        if total is None and used is not None and free is not None:
+            total = used + free + (_mem(raw, units, "memory.reserved") or 0)
         index = _to_int(raw.get("index"))
         gpus.append(
             {

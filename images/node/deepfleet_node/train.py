@@ -517,9 +517,21 @@ class Balancer:
     first: int = 0  # the first timed step
     seconds: float = 0.0
     samples: int = 0
+    # Time forward and backward of the micro-steps before the accumulation boundary, where
+    # ZeRO 0-1 and the bridge reduce nothing; else the forward alone. The forward alone
+    # misreads a CPU-quota machine: measured in the lab at 0.3 cores, it read 0.53 of the
+    # fastest machine's speed where forward and backward (and the machine alone) read 0.37.
+    with_backward: bool = False
 
     def timing(self, step: int) -> bool:
         return self.rebalance_at is not None and step < self.rebalance_at
+
+    def timed_what(self) -> str:
+        return "forward and backward passes" if self.with_backward else "forward passes"
+
+    def times(self, step: int, micro: int, ga: int) -> bool:
+        """Whether this micro-step is timed, and its backward with it (with_backward)."""
+        return self.timing(step) and (not self.with_backward or micro < ga - 1)
 
     def add(self, seconds: float, samples: int) -> None:
         self.seconds += seconds
@@ -549,7 +561,7 @@ def initial_shares(args, world: int, stage: int, measure, device) -> tuple[list[
     return shares, balance.describe(shares, speeds, source)
 
 
-def make_balancer(args, world: int, stage: int, start: int, total: int) -> Balancer:
+def make_balancer(args, world: int, stage: int, start: int, total: int, ga: int = 1) -> Balancer:
     """Time the first --rebalance-after steps when they may change the split: balance=speed,
     no --shares, ZeRO 0-2 (ZeRO-3's forward waits on every rank at each layer, so its
     timings cannot tell ranks apart) and steps left after the decision."""
@@ -563,7 +575,7 @@ def make_balancer(args, world: int, stage: int, start: int, total: int) -> Balan
         or at >= total
     ):
         return Balancer()
-    return Balancer(rebalance_at=at, first=start)
+    return Balancer(rebalance_at=at, first=start, with_backward=stage <= 1 and ga > 1)
 
 
 def rebalance(run: Run, done: int) -> None:
@@ -577,14 +589,14 @@ def rebalance(run: Run, done: int) -> None:
                 run.stream.shares,
                 None,
                 f"kept: steps {b.first + 1}-{done} held "
-                f"{min(timed):.2f} s of forward passes, under {SUSTAINED_S:.0f} s",
+                f"{min(timed):.2f} s of {b.timed_what()}, under {SUSTAINED_S:.0f} s",
             )
         )
         run.balancer = Balancer()
         return
     speeds = balance.speeds_from_seconds(seconds)
     proposed = balance.shares_from_speeds(speeds, run.stream.global_batch, run.args.max_micro)
-    source = f"from the forward passes of steps {b.first + 1}-{done}"
+    source = f"from the {b.timed_what()} of steps {b.first + 1}-{done}"
     if balance.worth_rebalancing(run.stream.shares, proposed, seconds):
         run.stream.set_shares(proposed)
         say(balance.describe(proposed, speeds, source))
@@ -781,17 +793,22 @@ def train_step(run: Run, step: int, window: Window) -> None:
     batches = [run.stream.batch(step * run.ga + micro) for micro in range(run.ga)]
     targets = [valid_targets(b["labels"]) for b in batches]
     step_targets = all_reduce_sum(sum(targets), run.comm_device)
-    timed = run.balancer.timing(step)
-    for batch, count in zip(batches, targets, strict=True):
+    balancer = run.balancer
+    for micro, (batch, count) in enumerate(zip(batches, targets, strict=True)):
         inputs, labels = model_inputs(batch, run.device), batch["labels"].to(run.device)
-        if timed:  # the forward holds no collective under ZeRO 0-2: this rank's own speed
+        # what is timed holds no collective (see Balancer): this rank's own speed
+        timed = balancer.times(step, micro, run.ga)
+        if timed:
             synchronize(run.device)
             began = time.perf_counter()
         loss_sum = token_loss_sum(engine(**inputs).logits, labels)
-        if timed:
+        if timed and not balancer.with_backward:
             synchronize(run.device)
-            run.balancer.add(time.perf_counter() - began, labels.shape[0])
+            balancer.add(time.perf_counter() - began, labels.shape[0])
         engine.backward(weighted_loss(loss_sum, run.world, run.ga, step_targets))
+        if timed and balancer.with_backward:
+            synchronize(run.device)
+            balancer.add(time.perf_counter() - began, labels.shape[0])
         # Called every micro-step; DeepSpeed only updates at the accumulation boundary.
         engine.step()
         window.add_micro(loss_sum, count, batch)
@@ -876,7 +893,7 @@ def run_to_end(run: Run, tokenizer, rank: int, stage: int) -> None:
     import torch.distributed as dist
 
     start = resume(run.engine, run.ckpt_dir) if run.args.resume else 0
-    run.balancer = make_balancer(run.args, run.world, stage, start, run.total)
+    run.balancer = make_balancer(run.args, run.world, stage, start, run.total, run.ga)
     if rank == 0:
         drop_metrics_after(run.out / "metrics.jsonl", start)
     if start >= run.total:
