@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from deepfleet_node.joblog import DIR_ENV, JOB_ENV, log_path
 
+from .connect import first_line
 from .errors import DeepfleetError
 from .execstream import ExecStream
 from .plan import WORKDIR
@@ -158,7 +159,15 @@ def stream(
             out.write(text)
             out.flush()
 
+    failed: dict[str, str] = {}
+
     def read(source: Source) -> None:
+        try:
+            _read(source)
+        except Exception as exc:  # a thread's traceback would reach the terminal raw
+            failed[source.machine] = first_line(exc)
+
+    def _read(source: Source) -> None:
         labeller = Labeller(source.machine, write)
         exec_ = ExecStream(source.client, source.container_id, read_argv(job, follow, lines))
         try:
@@ -177,4 +186,7 @@ def stream(
     for thread in threads:
         while thread.is_alive():  # join in slices so Ctrl-C ends a follow at once
             thread.join(0.5)
+    if failed:
+        name, why = next(iter(sorted(failed.items())))
+        raise LogError(f"could not read the logs of job {job}: {why}", name)
     return sorted(missing)

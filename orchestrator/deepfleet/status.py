@@ -13,7 +13,7 @@ from datetime import datetime
 from importlib import resources
 
 from . import joblogs
-from .connect import connect, fan_out
+from .connect import connect, fan_out, first_line
 from .containers import exec_text
 from .errors import DeepfleetError
 from .state import ClusterState, NodeState
@@ -131,7 +131,8 @@ def gather(state: ClusterState, timeout: float, policy: LivenessPolicy | None = 
 
     rows, errors = fan_out(state.nodes, ask, lambda n: n.spec.name)
     for name, exc in errors.items():
-        rows[name] = {**_blank(state, name), "error": str(exc)}
+        why = exc.one_line() if isinstance(exc, DeepfleetError) else first_line(exc)
+        rows[name] = {**_blank(state, name), "error": f"{name}: {why}"}
     return {
         "cluster": state.cluster,
         "image": state.image,
