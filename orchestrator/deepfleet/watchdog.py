@@ -140,12 +140,14 @@ class Watchdog:
         self._lock = threading.Lock()
         self._last_answer = {name: time.monotonic() for name in containers}
         self._threads: list[threading.Thread] = []
+        self._askers: dict[str, threading.Thread] = {}
 
     def start(self) -> Watchdog:
         for name in self.containers:
             thread = threading.Thread(target=self._ask_loop, args=(name,), daemon=True)
             thread.start()
             self._threads.append(thread)
+            self._askers[name] = thread
         judge = threading.Thread(target=self._judge_loop, daemon=True)
         judge.start()
         self._threads.append(judge)
@@ -155,9 +157,14 @@ class Watchdog:
         self._stop.set()
         if self.lease and not self._released.is_set():  # give the lease back: the job is over
             self._released.set()
+            deadline = time.monotonic() + 5.0  # a frozen master must not hold the operator up
+            asker = self._askers.get(self.lease[0])
+            if asker is not None and asker is not threading.current_thread():
+                # a round in flight would write the lease again after the release
+                asker.join(max(0.0, deadline - time.monotonic()))
             release = threading.Thread(target=self._release, daemon=True)
             release.start()
-            release.join(5.0)  # a frozen master must not hold the operator up: it lapses
+            release.join(max(0.0, deadline - time.monotonic()))  # else it lapses
 
     def _release(self) -> None:
         master, _ = self.lease

@@ -91,8 +91,8 @@ def test_the_saved_plan_shows_the_limits_and_the_estimated_split(unlike):
 
 
 def test_config_auto_leaves_lab3_out_and_trains_to_the_end(unlike, medium):
-    result = unlike.run(
-        "train", "--model", str(medium / "medium"), "--data", str(medium / "train.txt"),
+    result = unlike.run(  # -v: the launcher's command line shows the config it was given
+        "-v", "train", "--model", str(medium / "medium"), "--data", str(medium / "train.txt"),
         "--run", "auto", "--steps", "4", "--log-every", "1", "--micro-batch", "1",
         "--config", "auto", timeout=1800,
     )  # fmt: skip
@@ -116,8 +116,8 @@ def test_speed_balance_gives_the_fastest_machine_the_most(unlike):
 
 
 def test_bridge_trains_one_model_across_every_machine(unlike):
-    result = unlike.run(
-        "train", "--bridge", "--run", "bridge", "--steps", "6", "--log-every", "2",
+    result = unlike.run(  # -v: the launcher's command line shows the module it runs
+        "-v", "train", "--bridge", "--run", "bridge", "--steps", "6", "--log-every", "2",
         timeout=1200,
     )  # fmt: skip
     out = result.stdout

@@ -258,3 +258,34 @@ def test_an_engine_refusal_in_a_job_step_is_one_line_naming_the_node():
     assert info.value.one_line() == (
         "lab2: deepfleet-node is paused (frozen); `docker unpause deepfleet-node` on that machine"
     )
+
+
+def test_a_lease_renewal_in_flight_at_stop_lands_before_the_release():
+    """The master's round that is writing the lease when the job ends must not write it
+    again after the release: the next job would be refused as if this one still ran."""
+    order: list[str] = []
+    entered = threading.Event()
+
+    def asker(client, container, timeout, lease=None):
+        entered.set()
+        time.sleep(0.5)  # the round is still in flight when stop() is called
+        order.append("renewed")
+        return NodeAnswer("running")
+
+    class Api:
+        def exec_create(self, container, argv):
+            return {"Id": "x"}
+
+        def exec_start(self, exec_id):
+            order.append("released")
+            return b""
+
+    client = type("C", (), {"api": Api()})()
+    dog = Watchdog(
+        {"lab1": client}, {"lab1": "c1"}, LivenessPolicy(interval=0.1, timeout=5),
+        lambda *a: None, asker=asker, lease=("lab1", "me (pid 1)"),
+    )  # fmt: skip
+    dog.start()
+    assert entered.wait(5)
+    dog.stop()
+    assert order == ["renewed", "released"]
