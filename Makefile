@@ -29,9 +29,13 @@ INFER_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(RUN),--run $(RUN)) \
               $(if $(PROMPTS),--prompts $(PROMPTS)) $(if $(OUTPUT),--output $(OUTPUT)) \
               $(if $(MAX_NEW_TOKENS),--max-new-tokens $(MAX_NEW_TOKENS)) \
               $(if $(SLOTS),--slots "$(SLOTS)") $(if $(MODE),--mode $(MODE))
+SERVE_ARGS := $(if $(MODEL),--model $(MODEL)) $(if $(RUN),--run $(RUN)) \
+              $(if $(PORT),--port $(PORT)) $(if $(LISTEN),--listen $(LISTEN)) \
+              $(if $(SLOTS),--slots "$(SLOTS)") $(if $(filter 1,$(STOP)),--stop)
 PROMPT ?= The lighthouse keeper
 
-.PHONY: setup docker venv images lab-up lab-down up status train infer logs shell down doctor \
+.PHONY: setup docker venv images lab-up lab-down up status train infer serve logs shell down \
+        doctor \
         fetch-model \
         demo test bench \
         test-unit test-node test-integration lint fmt clean
@@ -71,6 +75,10 @@ train: venv
 
 infer: venv
 	$(DF) infer $(INFER_ARGS) $(if $(PROMPTS),,--prompt "$(PROMPT)")
+
+# MODEL=dir|RUN=name PORT=8000 LISTEN=0.0.0.0 (with DEEPFLEET_API_KEY set); STOP=1 ends it
+serve: venv
+	$(DF) serve $(SERVE_ARGS)
 
 # MACHINE=lab2 one machine only, FOLLOW=1 keep printing, JOB=run a named job's logs
 logs: venv

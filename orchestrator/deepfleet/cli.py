@@ -21,6 +21,7 @@ from . import (
     memfit,
     relay,
     reports,
+    serveplan,
     status,
     trainplan,
 )
@@ -317,6 +318,49 @@ def cmd_infer(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from . import servejob  # the HTTP stack, only for the command that uses it
+
+    store = StateStore(args.state_dir)
+    if args.dry_run:
+        session = cluster.Session(store.load(), {})
+        req = _serve_request(args)
+        servejob.check_listen(req.host, req.port, req.api_key)
+        print(serveplan.describe(servejob.plan_replicas(session, req, None)))
+        print(f"gateway: {servejob.Listen(req.host, req.port, req.api_key).url} (the model's "
+              "size is read at start; a machine it does not fit then sits out)")  # fmt: skip
+        return 0
+    req = _serve_request(args)
+    if not args.stop:  # before connecting anywhere: a refused --listen costs nothing
+        servejob.check_listen(req.host, req.port, req.api_key)
+    session = cluster.open_session(store, args.timeout, heal=not args.stop, refresh=not args.stop)
+    try:
+        if args.stop:
+            return servejob.stop_service(session, sys.stdout)
+        try:
+            servejob.serve(session, req)
+        except (KeyboardInterrupt, Interrupted):
+            pass  # Ctrl-C is how a service ends; serve() has stopped every replica
+    finally:
+        session.close()
+    return 0
+
+
+def _serve_request(args):
+    from .servejob import ServeRequest
+
+    return ServeRequest(
+        model=args.model,
+        run=args.run,
+        host=args.listen,
+        port=args.port,
+        api_key=args.api_key or os.environ.get(serveplan.API_KEY_ENV) or None,
+        max_tokens_limit=args.max_tokens_limit,
+        slots=_slots(args.slots),
+        verbose=args.verbose,
+    )
+
+
 def _machines(session, wanted: list[str]) -> list[str]:
     names = [n.spec.name for n in session.state.nodes]
     for name in wanted:
@@ -557,6 +601,29 @@ def parser() -> argparse.ArgumentParser:
     _add_balance(pl)
     _add_backend(pl)
     pl.set_defaults(func=cmd_plan)
+
+    sv = sub.add_parser(
+        "serve", help="an OpenAI-compatible endpoint in front of replicas on every machine"
+    )
+    sv.add_argument("--model", default="", help="default: the export of --run")
+    sv.add_argument("--run", default="demo")
+    sv.add_argument(
+        "--listen", default="127.0.0.1", metavar="ADDR",
+        help="the address to listen on (beyond loopback it needs --api-key)",
+    )  # fmt: skip
+    sv.add_argument("--port", type=int, default=serveplan.GATEWAY_PORT)
+    sv.add_argument(
+        "--api-key", default=None, metavar="KEY",
+        help=f"requests must carry it (Bearer KEY); default ${serveplan.API_KEY_ENV}",
+    )  # fmt: skip
+    sv.add_argument(
+        "--max-tokens-limit", type=int, default=serveplan.MAX_TOKENS_LIMIT, metavar="N",
+        help="the most tokens one request may ask for",
+    )  # fmt: skip
+    sv.add_argument("--slots", action="append", default=[], metavar="NODE=N")
+    sv.add_argument("--stop", action="store_true", help="stop the running service, from anywhere")
+    sv.add_argument("--dry-run", action="store_true", help="print the replicas, start nothing")
+    sv.set_defaults(func=cmd_serve)
 
     sp = sub.add_parser("stop", help="stop every job process (launcher, ranks) on every node")
     sp.set_defaults(func=cmd_stop)

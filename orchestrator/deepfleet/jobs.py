@@ -177,7 +177,7 @@ def _push_everywhere(session: Session, local: str, root: str, out) -> str:
     return _in_container_path(local, root)
 
 
-def _replicate_from_master(session: Session, path: str, out) -> None:
+def replicate_from_master(session: Session, path: str, out) -> None:
     master = session.master
     src = session.container(master)
     others = [n for n in session.state.nodes if n.spec.name != master]
@@ -210,8 +210,8 @@ def _ensure_demo_assets(session: Session, out) -> None:
              "--data-out", f"{DEMO_DATA}/train.txt"],
             session.master,
         )  # fmt: skip
-    _replicate_from_master(session, DEMO_MODEL, out)
-    _replicate_from_master(session, DEMO_DATA, out)
+    replicate_from_master(session, DEMO_MODEL, out)
+    replicate_from_master(session, DEMO_DATA, out)
 
 
 def secrets_from(environ) -> dict[str, str]:
@@ -420,7 +420,7 @@ def infer(
     ready_cluster(session, req.slots, replace(req.options, mixed=req.options.backend is None), out)
     if not req.model:
         model = f"{run_dir(req.run)}/final"
-        _replicate_from_master(session, model, out)
+        replicate_from_master(session, model, out)
     else:
         model = resolve_model(session, req.model, out, secrets)
     for node in session.state.nodes:

@@ -44,7 +44,7 @@ CHATTER = re.compile(
 )
 # Processes a job leaves in a node container: the launcher, pdsh, its ssh hops, the ranks.
 # The brackets keep the pattern from matching the shell that runs pkill with it.
-JOB_PROCESSES = "[d]eepspeed|[d]eepfleet_node[.](train|infer|bridge)|[p]dsh"
+JOB_PROCESSES = "[d]eepspeed|[d]eepfleet_node[.](train|infer|bridge|serve)|[p]dsh"
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from . import joblogs
 from .connect import connect, fan_out, first_line
 from .containers import exec_text
 from .errors import DeepfleetError
+from .serveplan import SERVICE_FILE
 from .state import ClusterState, NodeState
 from .watchdog import LEASE_READ_SH, LivenessPolicy, live_lease
 
@@ -88,6 +89,7 @@ def gather(state: ClusterState, timeout: float, policy: LivenessPolicy | None = 
     now = time.time()
     job_name: list[str | None] = [None]
     lease: list[str | None] = [None]
+    record: list[str] = [""]
 
     def ask(node: NodeState) -> dict:
         name = node.spec.name
@@ -125,6 +127,7 @@ def gather(state: ClusterState, timeout: float, policy: LivenessPolicy | None = 
                 current = _shell(container, f"cat {joblogs.CURRENT} 2>/dev/null; true", name)
                 job_name[0] = current.strip() or None
                 lease[0] = live_lease(_shell(container, LEASE_READ_SH, name), policy)
+                record[0] = _shell(container, f"cat {SERVICE_FILE} 2>/dev/null; true", name)
         finally:
             client.close()
         return row
@@ -138,6 +141,30 @@ def gather(state: ClusterState, timeout: float, policy: LivenessPolicy | None = 
         "image": state.image,
         "nodes": [rows[n.spec.name] for n in state.nodes],
         "job": _job(state, job_name[0], lease[0], rows, timeout),
+        "service": service(record[0], lease[0]),
+    }
+
+
+def service(record_text: str, holder: str | None) -> dict | None:
+    """The running `deepfleet serve`, from its record on the master; None unless the
+    service that wrote it still holds the lease (a killed one's record is stale)."""
+    try:
+        record = json.loads(record_text)
+    except ValueError:
+        return None
+    if not isinstance(record, dict) or holder is None or record.get("held_by") != holder:
+        return None
+    replicas = [
+        {k: r.get(k) for k in ("name", "machine", "state", "outstanding", "served", "failed",
+                               "restarts", "tokens_per_s")}
+        for r in record.get("replicas", []) if isinstance(r, dict)
+    ]  # fmt: skip
+    return {
+        "url": str(record.get("url", "")),
+        "model": str(record.get("model", "")),
+        "held_by": holder,
+        "started": record.get("started"),
+        "replicas": replicas,
     }
 
 
@@ -220,4 +247,20 @@ def render(status: dict) -> str:
             rate = f", {job['tokens_per_s']:.0f} tok/s" if job["tokens_per_s"] else ""
             eta = f", eta {_duration(job['eta_s'])}" if job["running"] and job["eta_s"] else ""
             lines.append(f"  step {job['step']}/{job['steps']} {loss}{rate}{eta}")
+    lines += _render_service(status.get("service"))
     return "\n".join(lines)
+
+
+def _render_service(svc: dict | None) -> list[str]:
+    if svc is None:
+        return []
+    served = sum(r["served"] or 0 for r in svc["replicas"])
+    lines = [f"service {svc['model']!r} at {svc['url']} (from {svc['held_by']}): "
+             f"{len(svc['replicas'])} replicas, {served} requests answered"]  # fmt: skip
+    for r in svc["replicas"]:
+        lines.append(
+            f"  {r['name']:<12} {r['state']:<9} served {r['served']}, in flight "
+            f"{r['outstanding']}, failed {r['failed']}, restarts {r['restarts']}, "
+            f"{r['tokens_per_s'] or 0:.1f} tokens/s"
+        )
+    return lines

@@ -25,7 +25,7 @@ STEP_RE = re.compile(r"^\[(\S+)\] step (\d+)/(\d+) loss ([0-9.]+)")
 # Set for the node service by the session cluster's compose override (conftest).
 NODE_ENV = {"DEEPFLEET_LAB_PROBE": "set in compose", "WANDB_NOTES": 'two words "quoted"'}
 # Any process a job leaves in a node container: the launcher, pdsh, the ranks.
-JOB_PROCESSES = "deepfleet_node[.](train|infer|bridge)|deepspeed|pdsh"
+JOB_PROCESSES = "deepfleet_node[.](train|infer|bridge|serve)|deepspeed|pdsh"
 
 
 @dataclass

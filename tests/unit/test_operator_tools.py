@@ -4,6 +4,7 @@ logs are read and labelled, status's progress fields and schema, the shell's ssh
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 
 import jsonschema
@@ -150,6 +151,18 @@ SAMPLE = {
     ],
     "job": {"name": "demo", "running": True, "held_by": "op (pid 7)", "step": 10, "steps": 60,
             "loss": 4.1234, "tokens_per_s": 6016.0, "eta_s": 41.0, "log_on": "gpu1"},
+    "service": None,
+}  # fmt: skip
+
+RECORD = {
+    "id": "abc", "url": "http://127.0.0.1:8000/v1", "model": "tiny",
+    "held_by": "op (pid 9) [deepfleet serve]", "started": 1000.0, "job": "demo-serve",
+    "replicas": [
+        {"name": "gpu1/0", "machine": "gpu1", "state": "ready", "outstanding": 2, "served": 41,
+         "failed": 0, "restarts": 0, "tokens_per_s": 210.5},
+        {"name": "cpu1/0", "machine": "cpu1", "state": "down", "outstanding": 0, "served": 3,
+         "failed": 1, "restarts": 1, "tokens_per_s": 12.0},
+    ],
 }  # fmt: skip
 
 
@@ -165,6 +178,27 @@ def test_the_status_schema_accepts_a_status_and_refuses_what_breaks_it():
     del broken["nodes"][1]["error"]
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(broken, schema)
+
+
+def test_the_service_shows_only_while_the_service_that_wrote_it_holds_the_lease():
+    text = json.dumps(RECORD)
+    svc = status.service(text, "op (pid 9) [deepfleet serve]")
+    assert svc["url"] == "http://127.0.0.1:8000/v1" and [r["served"] for r in svc["replicas"]] == [
+        41, 3,
+    ]  # fmt: skip
+    jsonschema.validate({**SAMPLE, "service": svc}, status.schema())
+    assert status.service(text, None) is None  # its lease lapsed: a killed service
+    assert status.service(text, "op (pid 7)") is None  # a training job holds it now
+    assert status.service("", "op (pid 9) [deepfleet serve]") is None
+    rendered = status.render({**SAMPLE, "service": svc})
+    assert (
+        "service 'tiny' at http://127.0.0.1:8000/v1 (from op (pid 9) [deepfleet serve]): "
+        "2 replicas, 44 requests answered" in rendered
+    )
+    assert (
+        "  cpu1/0       down      served 3, in flight 0, failed 1, restarts 1, 12.0 tokens/s"
+        in rendered
+    )
 
 
 def test_the_status_table():
