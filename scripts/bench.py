@@ -2,7 +2,8 @@
 
 One 3-machine lab, its links capped at LINK (tc, docker/lab.py) for the transfer figures
 and uncapped for the jobs, then the same machines at CPU quotas 0.9/0.5/0.3 for the
-balance figures (scripts/bench_unlike.py). Writes bench/results/bench-<time>.json and
+balance figures (scripts/bench_unlike.py), and `deepfleet serve` against `make infer`
+(scripts/bench_serve.py). Writes bench/results/bench-<time>.json and
 prints a table with each goal beside its figure. Nothing here is a test: a goal missed
 is a figure, not a failure.
 
@@ -27,6 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "docker"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
+import bench_serve  # noqa: E402
 import bench_unlike  # noqa: E402
 import lab  # noqa: E402
 
@@ -52,6 +54,11 @@ GOALS = {
     "first_step_s": ("<", 30),
     "infer_vs_generate": (">=", 1.6),
     "infer_launch_s": None,
+    "serve_tokens_per_s": None,
+    "infer_wall_tokens_per_s": None,
+    "serve_vs_infer": (">=", 1.0),
+    "ttft_s": None,
+    "ttft_loaded_s": None,
     "balance_ratio": (">=", 0.9),
     "equal_split_ratio": None,
 }
@@ -304,6 +311,15 @@ def jobs(image: str) -> dict:
     }
 
 
+def serving(image: str) -> dict:
+    """deepfleet serve against make infer: 2 machines at one core each."""
+    up("lab1", "lab2", log="up-serve", image=image)
+    try:
+        return bench_serve.measure(deepfleet, DF, ROOT, LOGS, lab.set_limits)
+    finally:
+        down()
+
+
 def verdict(key: str, value) -> str:
     goal = GOALS.get(key)
     if goal is None or value is None:
@@ -335,7 +351,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--image", default="deepfleet/cpu:latest")
     parser.add_argument("--skip-unlike", action="store_true")
-    parser.add_argument("--only", choices=("transfers", "jobs", "unlike"), help="one part")
+    parser.add_argument("--only", choices=("transfers", "jobs", "serve", "unlike"), help="one part")
     args = parser.parse_args(argv)
     LOGS.mkdir(exist_ok=True)
     os.environ.setdefault("DEEPFLEET_STATE_DIR", str(ROOT / ".bench-state"))
@@ -349,7 +365,8 @@ def main(argv=None) -> int:
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.node()}",
     }
     lab.down(lab_dir=LAB_DIR)
-    parts = [("transfers", lambda: transfers(args.image)), ("jobs", lambda: jobs(args.image))]
+    parts = [("transfers", lambda: transfers(args.image)), ("jobs", lambda: jobs(args.image)),
+             ("serve", lambda: serving(args.image))]  # fmt: skip
     if not args.skip_unlike:
         parts.append(("unlike", lambda: bench_unlike.measure(MACHINES, LAB_DIR, args.image)))
     parts = [(n, f) for n, f in parts if args.only in (None, n)]
@@ -358,7 +375,7 @@ def main(argv=None) -> int:
         for name, part in parts:  # a part that fails leaves the others' figures
             try:
                 result.update(part())
-            except (BenchError, SystemExit, subprocess.CalledProcessError) as exc:
+            except (BenchError, RuntimeError, SystemExit, subprocess.CalledProcessError) as exc:
                 print(f"bench: {name}: {exc}", file=sys.stderr)
                 result.setdefault("errors", {})[name] = str(exc).splitlines()[0]
                 down()

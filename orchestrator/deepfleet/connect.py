@@ -18,6 +18,7 @@ from typing import TypeVar
 
 import docker
 import paramiko
+import requests
 from docker.transport.sshconn import SSHConnection, SSHConnectionPool, SSHHTTPAdapter
 
 from .errors import ConnectError, DeepfleetError
@@ -234,6 +235,9 @@ def _vkey(v: str) -> tuple[int, ...]:
 
 def docker_cause(exc: BaseException, container: str = "") -> str:
     """One line for an engine's refusal, without docker-py's URL and status text."""
+    cause = engine_cause(exc)
+    if cause:
+        return cause
     text = str(getattr(exc, "explanation", None) or exc)
     status = getattr(exc, "status_code", None)
     name = container or "the node container"
@@ -246,7 +250,21 @@ def docker_cause(exc: BaseException, container: str = "") -> str:
     return " ".join(text.split())[:300]
 
 
+def engine_cause(exc: BaseException) -> str | None:
+    """One line for a call to an engine that did not come back (requests' own text names
+    a local socket pool and a timeout, not the machine's state)."""
+    if isinstance(exc, requests.exceptions.ReadTimeout):
+        return ("its Docker engine did not answer in time (busy, or held up by a frozen "
+                "container; `docker ps` on that machine shows which)")  # fmt: skip
+    if isinstance(exc, requests.exceptions.ConnectionError):
+        return "the connection to its Docker engine was lost (ssh or the engine went away)"
+    return None
+
+
 def first_line(exc: BaseException) -> str:
+    cause = engine_cause(exc)
+    if cause:
+        return cause
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
 

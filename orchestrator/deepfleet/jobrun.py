@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import docker
+import requests
 
 from . import hostfile, joblogs, launch, preflight, transfer
 from .cluster import CLUSTER_KEY, SSH_DIR, Session
@@ -74,7 +75,7 @@ def run_on(session: Session, name: str, argv: list[str]) -> str:
         return api.exec_start(api.exec_create(node.container_id, argv)["Id"]).decode(
             errors="replace"
         )
-    except docker.errors.APIError as exc:
+    except (docker.errors.APIError, requests.exceptions.RequestException) as exc:
         raise ContainerError(docker_cause(exc, node.container_name), name) from exc
 
 

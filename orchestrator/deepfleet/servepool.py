@@ -95,7 +95,10 @@ class Pool:
         if self._client is None:
             # no read timeout: a long generation on a slow machine sends nothing for a while
             timeout = httpx.Timeout(10.0, read=None)
-            limits = httpx.Limits(max_connections=1000, max_keepalive_connections=100)
+            # a replica (uvicorn) closes an idle connection after 5 s: never reuse one that old
+            limits = httpx.Limits(
+                max_connections=1000, max_keepalive_connections=100, keepalive_expiry=2.0
+            )
             self._client = httpx.AsyncClient(timeout=timeout, limits=limits)
         return self._client
 
@@ -180,6 +183,8 @@ class Pool:
                 if not line.strip():
                     continue
                 item = json.loads(line)
+                if item.get("error"):  # generation itself failed (out of memory, ...)
+                    raise ReplicaBroke(f"failed mid-answer: {item['error']}")
                 if item.get("done"):
                     yield Piece(done=item)
                     return

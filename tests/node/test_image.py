@@ -65,8 +65,10 @@ def report() -> dict:
 
 def test_versions_are_the_manifests(report, manifest):
     import accelerate
+    import fastapi
     import safetensors
     import tokenizers
+    import uvicorn
 
     versions = report["versions"]
     assert versions["torch"].split("+")[0] == manifest["TORCH_VERSION"]
@@ -76,6 +78,8 @@ def test_versions_are_the_manifests(report, manifest):
     assert tokenizers.__version__ == manifest["TOKENIZERS_VERSION"]
     assert safetensors.__version__ == manifest["SAFETENSORS_VERSION"]
     assert accelerate.__version__ == manifest["ACCELERATE_VERSION"]
+    assert fastapi.__version__ == manifest["FASTAPI_VERSION"]
+    assert uvicorn.__version__ == manifest["UVICORN_VERSION"]
 
 
 def test_torch_is_built_for_the_flavor(report, manifest):
@@ -127,7 +131,7 @@ def test_every_flavor_carries_the_same_node_tools():
     assert os.access("/usr/local/bin/deepfleet-entrypoint", os.X_OK)
     assert Path("/etc/ssh/sshd_config.d/deepfleet.conf").is_file()
     assert not list(Path("/etc/ssh").glob("ssh_host_*")), "host keys must be made per container"
-    for module in ("train", "infer", "tiny", "data", "modelinfo"):
+    for module in ("train", "infer", "serve", "tiny", "data", "modelinfo"):
         assert (
             subprocess.run(
                 [sys.executable, "-m", f"deepfleet_node.{module}", "--help"],

@@ -289,3 +289,21 @@ def test_a_lease_renewal_in_flight_at_stop_lands_before_the_release():
     assert entered.wait(5)
     dog.stop()
     assert order == ["renewed", "released"]
+
+
+def test_an_engine_that_does_not_answer_is_one_line_without_requests_text():
+    import requests
+
+    from deepfleet.connect import docker_cause, fan_out
+
+    def ask(name):
+        raise requests.exceptions.ReadTimeout(
+            "UnixHTTPConnectionPool(host='localhost', port=None): Read timed out. (read timeout=60)"
+        )
+
+    _, errors = fan_out(["lab3"], ask, lambda n: n)
+    line = errors["lab3"].one_line()
+    assert line.startswith("lab3: its Docker engine did not answer in time"), line
+    assert "Pool" not in line and "timeout=" not in line
+    lost = docker_cause(requests.exceptions.ConnectionError("Connection aborted."))
+    assert lost.startswith("the connection to its Docker engine was lost")

@@ -419,3 +419,15 @@ def test_gpu_builds_leave_out_other_flavors_torch_wheels():
         False,
         True,
     ]
+
+
+def test_the_operators_http_stack_is_the_images():
+    """The gateway (pyproject) and the replicas (the manifest) run one FastAPI and uvicorn:
+    one version of each to read release notes and CVEs for."""
+    import tomllib
+
+    pyproject = tomllib.loads((images_dir().parent / "pyproject.toml").read_text())
+    pins = dict(d.split("==") for d in pyproject["project"]["dependencies"] if "==" in d)
+    manifest = read_manifest()
+    assert pins["fastapi"] == manifest["FASTAPI_VERSION"]
+    assert pins["uvicorn"] == manifest["UVICORN_VERSION"]

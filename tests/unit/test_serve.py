@@ -99,7 +99,7 @@ def test_listening_beyond_loopback_needs_a_key_and_the_model_id_is_the_folder_or
 
 def test_a_stopped_service_does_not_write_its_record_back():
     script = record_write_sh({"id": "abc"}, "op (pid 1)", create=False)
-    assert script.startswith("if grep -qF '\"id\": \"abc\"' /workspace/.deepfleet/service.json")
+    assert script.startswith('if grep -qF \'"id": "abc"\' /workspace/.deepfleet/service.json')
     assert script.endswith("else echo gone; fi")
 
 
@@ -120,6 +120,7 @@ class StandIn:
     def __init__(self, delay: float = 0.0):
         self.delay = delay
         self.die_after: int | None = None
+        self.fail_after: int | None = None  # then an error line, as an out-of-memory sends
         self.requests = 0
         app = FastAPI()
 
@@ -138,13 +139,17 @@ class StandIn:
                 return JSONResponse({"error": "prompt is 5000 tokens, context 2048"}, 400)
             text = words(prompt, body["max_tokens"])
             pieces = text.split(" ")[:-1]
-            die = self.die_after
+            die, fail = self.die_after, self.fail_after
 
             async def stream():
                 for index, piece in enumerate(pieces):
                     if die is not None and index == die:
                         self.die_after = None
                         raise ConnectionResetError("replica process killed")
+                    if fail is not None and index == fail:
+                        self.fail_after = None
+                        yield json.dumps({"error": "generation failed: OutOfMemoryError"}) + "\n"
+                        return
                     await asyncio.sleep(self.delay)
                     yield json.dumps({"text": piece + " "}) + "\n"
                 done = {"done": True, "finish_reason": "length", "prompt_tokens": 3,
@@ -253,6 +258,14 @@ def test_a_replica_dying_mid_stream_leaves_one_unbroken_answer(two):
     assert "".join(c.choices[0].text for c in stream) == words("story", 10)
     assert gateway.downs == ["m0/0"] and slow.requests == 1
     assert gateway.states[0].state == DOWN and gateway.states[0].failed == 1
+
+
+def test_a_generation_that_fails_mid_answer_is_finished_by_another_replica(two):
+    gateway, fast, slow = two
+    fast.fail_after = 2
+    got = gateway.client().completions.create(model="tiny", prompt="oom", max_tokens=6)
+    assert got.choices[0].text == words("oom", 6)
+    assert gateway.downs == ["m0/0"] and slow.requests == 1
 
 
 def test_when_every_replica_is_down_the_request_is_a_503_in_the_apis_shape(two):
