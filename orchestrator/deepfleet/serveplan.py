@@ -94,7 +94,7 @@ def plan_service(
         else:
             total = sum(m for _, m in devices)
             left.append(_left(node.name, f"{len(devices)} GPU(s), {total / GB:.1f} GB", need))
-    size = f"model needs ~{need / GB:.1f} GB" if need else "model size unknown"
+    size = f"model needs ~{_size(need)}" if need else "model size unknown"
     if not replicas:
         raise PlanError(
             f"{size}; no machine can hold a whole replica "
@@ -102,6 +102,10 @@ def plan_service(
             "copy over every machine for batch jobs"
         )
     return ServePlan(tuple(replicas), tuple(left), size)
+
+
+def _size(n: int) -> str:
+    return f"{n / GB:.1f} GB" if n >= GB / 10 else f"{n / 1e6:.0f} MB"
 
 
 def _left(name: str, has: str, need: int | None) -> LeftOut:

@@ -68,6 +68,7 @@ def test_a_7b_model_gets_a_replica_per_gpu_that_holds_it_and_one_per_cpu_machine
     assert sp.replicas[0].url == "http://10.0.0.1:8760"
     assert sp.replicas[1].argv("/m")[-2:] == ["--gpus", "1"]
     assert "model needs ~16.8 GB" in describe(sp)
+    assert "model needs ~21 MB" in describe(plan_service(plan, reps, 17_000_000))
 
 
 def test_a_model_too_big_for_one_gpu_spans_the_machines_gpus_and_a_small_machine_sits_out():
