@@ -24,6 +24,7 @@ import httpx
 
 from . import joblogs, jobs, launch
 from .cluster import Session
+from .connect import docker_cause, first_line
 from .errors import DeepfleetError, ignoring_interrupts
 from .jobrun import check_no_live_job, clean_slate, job_plan, run_on
 from .servegw import GatewaySettings, make_app
@@ -45,7 +46,8 @@ RENEW_EVERY = 5.0  # s between lease renewals (and service record writes)
 HEALTH_EVERY = 2.0  # s between health checks of each replica
 HEALTH_MISSES = 3  # missed checks in a row that take a replica out
 START_TIMEOUT = 900.0  # s a replica may take to load its model
-RESTART_TRIES = 3
+RESTART_TRIES = 3  # quick restarts of a replica before it is retried every RETRY_EVERY
+RETRY_EVERY = 60.0
 
 
 class ServeError(DeepfleetError):
@@ -134,11 +136,14 @@ class ReplicaProcesses:
         argv = " ".join(shlex.quote(a) for a in replica.argv(self.model))
         log = shlex.quote(self.log(replica))
         script = f"mkdir -p {shlex.quote(joblogs.job_dir(self.job))} && exec {argv} >>{log} 2>&1"
-        exec_id = api.exec_create(
-            node.container_id, ["sh", "-c", script],
-            environment={TOKEN_ENV: self.token, "HF_HUB_OFFLINE": "1"},
-        )["Id"]  # fmt: skip
-        api.exec_start(exec_id, detach=True)
+        try:
+            exec_id = api.exec_create(
+                node.container_id, ["sh", "-c", script],
+                environment={TOKEN_ENV: self.token, "HF_HUB_OFFLINE": "1"},
+            )["Id"]  # fmt: skip
+            api.exec_start(exec_id, detach=True)
+        except Exception as exc:  # noqa: BLE001 - the engine's refusal, as one line
+            raise ServeError(docker_cause(exc, node.container_name), replica.machine) from exc
 
     def _pattern(self, replica: Replica) -> str:
         return f"[d]eepfleet_node[.]serve .*--name {replica.name}( |$)"
@@ -227,6 +232,8 @@ class Service:
         self._misses: dict[str, int] = {}
         self._tasks: list[asyncio.Task] = []
         self._server = None
+        self.retry_pause = 2.0
+        self.retry_every = RETRY_EVERY
 
     def say(self, text: str) -> None:
         self.out.write(f"deepfleet: {text}\n")
@@ -256,7 +263,7 @@ class Service:
             (s, r) for s, r in zip(self.states, results, strict=True) if isinstance(r, Exception)
         ]
         for state, exc in failures:
-            why = exc.one_line() if isinstance(exc, DeepfleetError) else str(exc)
+            why = exc.one_line() if isinstance(exc, DeepfleetError) else first_line(exc)
             self.say(f"{state.name} did not start: {why}")
             state.state = DOWN
         if len(failures) == len(self.states):
@@ -312,21 +319,30 @@ class Service:
         self._tasks.append(asyncio.get_running_loop().create_task(self._restart(state)))
 
     async def _restart(self, state: ReplicaState) -> None:
+        """Bring a replica back: a few quick tries, then one every RETRY_EVERY seconds for
+        as long as the service runs (a machine that was off rejoins when it is back)."""
         replica = self.by_name[state.name]
+        attempt = 0
         try:
-            for attempt in range(1, RESTART_TRIES + 1):
-                if self.ended:
-                    return
+            while not self.ended:
+                attempt += 1
                 began = time.monotonic()
                 self.pool.mark(state, STARTING)
                 try:
                     await asyncio.to_thread(self.processes.kill, replica)
                     await asyncio.to_thread(self.processes.start, replica)
                     health = await self._wait_ready(replica, START_TIMEOUT)
-                except DeepfleetError as exc:
-                    self.say(f"{state.name} restart {attempt}/{RESTART_TRIES} failed: "
-                             f"{exc.one_line()}")  # fmt: skip
+                except Exception as exc:  # noqa: BLE001 - any failure is one line, then a retry
+                    why = exc.one_line() if isinstance(exc, DeepfleetError) else first_line(exc)
                     self.pool.mark(state, DOWN)
+                    if attempt < RESTART_TRIES:
+                        self.say(f"{state.name} restart {attempt}/{RESTART_TRIES} failed: {why}")
+                        await asyncio.sleep(self.retry_pause)
+                    else:
+                        if attempt == RESTART_TRIES:
+                            self.say(f"{state.name} stays down ({why}); trying again every "
+                                     f"{self.retry_every:.0f} s")  # fmt: skip
+                        await asyncio.sleep(self.retry_every)
                     continue
                 state.restarts += 1
                 state.speed = float(health.get("tokens_per_s") or state.speed)
@@ -334,7 +350,6 @@ class Service:
                 self.pool.mark(state, READY)
                 self.say(f"{state.name} restarted in {time.monotonic() - began:.0f} s")
                 return
-            self.say(f"{state.name} stays down after {RESTART_TRIES} restarts")
         finally:
             self._restarting.discard(state.name)
 

@@ -313,3 +313,55 @@ def test_an_api_key_is_required_when_set():
         assert health.status_code == 200 and health.json()["replicas"][0]["served"] == 1
     finally:
         gateway.server.should_exit = replica.server.should_exit = True
+
+
+def test_a_replica_that_cannot_restart_is_retried_until_its_machine_is_back():
+    import io
+
+    from deepfleet.servejob import Listen, Service
+    from deepfleet.serveplan import Replica, ServePlan
+
+    replica = StandIn()
+
+    class Processes:
+        token, job = TOKEN, "t-serve"
+        refusals = 4  # the machine is off for four tries
+
+        def kill(self, r):
+            if self.refusals:
+                self.refusals -= 1
+                raise ServeError("the connection to its Docker engine was lost", r.machine)
+
+        def start(self, r):
+            pass
+
+        def alive(self, r):
+            return True
+
+    plan = ServePlan((Replica("m1/0", "m1", "127.0.0.1", replica.port),), (), "")
+    out = io.StringIO()
+    listen = Listen("127.0.0.1", 1, None)
+    service = Service(None, plan, Processes(), GatewaySettings("tiny"), listen, out)
+    service.retry_pause = service.retry_every = 0.01
+    state = service.states[0]
+
+    async def go():
+        state.state = READY
+        service.pool.mark(state, DOWN, "killed")  # as a broken answer or the health checks do
+        await asyncio.gather(*service._tasks)
+        await service.pool.close()
+
+    try:
+        asyncio.run(go())
+    finally:
+        replica.server.should_exit = True
+    lines = out.getvalue().splitlines()
+    assert lines[:4] == [
+        "deepfleet: m1/0 is down (killed); its requests go to the others, restarting it",
+        "deepfleet: m1/0 restart 1/3 failed: m1: the connection to its Docker engine was lost",
+        "deepfleet: m1/0 restart 2/3 failed: m1: the connection to its Docker engine was lost",
+        "deepfleet: m1/0 stays down (m1: the connection to its Docker engine was lost); trying "
+        "again every 0 s",
+    ]  # fmt: skip
+    assert lines[4].startswith("deepfleet: m1/0 restarted in ") and len(lines) == 5
+    assert state.state == READY and state.restarts == 1
