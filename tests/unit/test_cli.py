@@ -147,3 +147,31 @@ def test_train_dry_run_prints_the_split_and_the_launch_a_bridge_job_would_run(tm
     assert "micro-batch per rank: desk 5, laptop 1" in out
     assert "--module deepfleet_node.bridge" in out and "--deepspeed-config" not in out
     assert "--precision auto" in out
+
+
+def test_serve_dry_run_puts_a_replica_on_the_gpu_desk_and_the_laptop(tmp_path, capsys):
+    from unitdata import detect_report, inv
+
+    from deepfleet.state import ClusterState, NodeState, StateStore
+
+    gpu = {"index": 0, "vendor": "nvidia", "name": "NVIDIA GeForce RTX 4090",
+           "memory_bytes": 24 << 30, "compute_capability": "8.9", "driver": "580.65"}  # fmt: skip
+    versions = dict(detect_report()["versions"], torch="2.13.0+cu130", cuda="13.0")
+    desk = detect_report(accelerator="cuda", gpu_vendor="nvidia", gpus=[gpu], versions=versions,
+                         torch_arch_list=["sm_89"])  # fmt: skip
+    specs, laptop = inv("desk", "laptop").nodes, detect_report()
+    state = ClusterState("c0ffee", "deepfleet/cpu:latest", [
+        NodeState(specs[0], "cuda", report=desk), NodeState(specs[1], "cpu", report=laptop),
+    ])  # fmt: skip
+    StateStore(tmp_path).save(state)
+    assert cli.main(["--state-dir", str(tmp_path), "serve", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "serve: 2 replica(s) on 2 machine(s); model size unknown" in out
+    assert "  desk/0       GPU 0      http://10.0.0.1:8760" in out
+    assert "  laptop/0     CPU        http://10.0.0.2:8760" in out
+    assert "gateway: http://127.0.0.1:8000/v1" in out
+    refused = ["--state-dir", str(tmp_path), "serve", "--dry-run", "--listen", "10.0.0.9"]
+    assert cli.main(refused) == 1
+    assert "--listen 10.0.0.9: an endpoint other machines can reach needs --api-key" in (
+        capsys.readouterr().err
+    )
