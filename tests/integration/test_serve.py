@@ -176,19 +176,27 @@ def test_thirty_concurrent_requests_are_all_answered(cluster, service):
     assert sum(served.values()) >= 30 and all(n > 0 for n in served.values()), served
 
 
+def _replica(service, name: str) -> dict:
+    health = httpx.get(service.base.removesuffix("/v1") + "/health").json()
+    return next(r for r in health["replicas"] if r["name"] == name)
+
+
 def test_a_replica_killed_under_load_loses_no_request_and_comes_back(cluster, service):
-    expected = dict(zip(PROMPTS, reference(cluster, PROMPTS, 24), strict=True))
+    expected = dict(zip(PROMPTS, reference(cluster, PROMPTS, 64), strict=True))
     answers: list[bool] = []
-    load = threading.Thread(target=lambda: answers.extend(_ask_all(service, 30, 24, expected)))
+    load = threading.Thread(target=lambda: answers.extend(_ask_all(service, 30, 64, expected)))
     load.start()
-    time.sleep(3)  # requests are in flight on every replica
+    deadline = time.monotonic() + 60
+    while _replica(service, "lab2/0")["outstanding"] < 3 and time.monotonic() < deadline:
+        time.sleep(0.1)  # until requests are in flight and queued on lab2
     code, out = cluster.node_exec(1, ["pkill", "-KILL", "-f", SERVE])
     assert code == 0, out
     load.join(timeout=900)
     assert answers == [True] * 30
+    assert _replica(service, "lab2/0")["failed"] >= 1  # it died with requests on it
     service.wait_for(r"^deepfleet: lab2/0 is down \(", 30)
     service.wait_for(r"^deepfleet: lab2/0 restarted in \d+ s", 600)
-    got = service.client().completions.create(model="it", prompt=PROMPTS[0], max_tokens=24)
+    got = service.client().completions.create(model="it", prompt=PROMPTS[0], max_tokens=64)
     assert got.choices[0].text == expected[PROMPTS[0]]
 
 
