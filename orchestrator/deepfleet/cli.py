@@ -241,9 +241,7 @@ def _model_info(path: Path) -> memfit.ModelShape:
 def cmd_stop(args) -> int:
     session = cluster.open_session(StateStore(args.state_dir), args.timeout)
     try:
-        left = launch.stop_all(
-            session.clients, {n.spec.name: n.container_id for n in session.state.nodes}
-        )
+        left = launch.stop_all(session.clients, session.container_ids())
         jobrun.release_lease(session)
     finally:
         session.close()

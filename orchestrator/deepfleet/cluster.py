@@ -134,6 +134,10 @@ class Session:
     def master(self) -> str:
         return self.state.nodes[0].spec.name
 
+    def container_ids(self) -> dict[str, str]:
+        """Every node's container, by node name (what the stop and watch helpers take)."""
+        return {n.spec.name: n.container_id for n in self.state.nodes}
+
     def plan(self, **overrides) -> ClusterPlan:
         return plan_cluster(
             self.state.inventory,

@@ -129,7 +129,7 @@ def run_job(
     plan = job_plan(session, slots, options.backend, options.mixed)
     out.write(describe(plan) + "\n")
     master = session.master
-    every = {n.spec.name: n.container_id for n in session.state.nodes}
+    every = session.container_ids()
     # the planned nodes, and the master: the launcher runs there even when it has no slot
     containers = {name: every[name] for name in [master, *(n.name for n in plan.nodes)]}
     write_launch_files(session, plan, options, job)
@@ -213,7 +213,7 @@ def ready_cluster(session: Session, slots: dict | None, options: RunOptions, out
     """Before anything is copied: no other job running, nothing left of a dead one (its
     ranks would hold the ports), and every path the job uses answers."""
     check_no_live_job(session, options.liveness)
-    clean_slate(session, {n.spec.name: n.container_id for n in session.state.nodes}, out)
+    clean_slate(session, session.container_ids(), out)
     check_network(session, slots, options, out)
 
 

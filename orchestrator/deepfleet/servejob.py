@@ -33,13 +33,14 @@ from .serveplan import (
     GATEWAY_PORT,
     MAX_TOKENS_LIMIT,
     SERVICE_FILE,
+    SERVICE_READ_SH,
     Replica,
     ServePlan,
     describe,
     plan_service,
 )
 from .servepool import DOWN, READY, STARTING, Pool, ReplicaState
-from .watchdog import LEASE, LivenessPolicy, lease_text
+from .watchdog import LEASE, LEASE_READ_SH, LivenessPolicy, lease_text
 
 TOKEN_ENV = "DEEPFLEET_SERVE_TOKEN"  # the replicas' shared secret (deepfleet_node/serve.py)
 RENEW_EVERY = 5.0  # s between lease renewals (and service record writes)
@@ -169,8 +170,7 @@ class ReplicaProcesses:
 
     def stop_all(self) -> list[str]:
         """Every replica on every machine; the machines that did not answer."""
-        containers = {n.spec.name: n.container_id for n in self.session.state.nodes}
-        return launch.stop_all(self.session.clients, containers)
+        return launch.stop_all(self.session.clients, self.session.container_ids())
 
 
 # ---------------------------------------------------------------- the service record
@@ -184,12 +184,13 @@ def record_write_sh(record: dict, holder: str, create: bool) -> str:
              f"{SERVICE_FILE}.tmp && mv {SERVICE_FILE}.tmp {SERVICE_FILE} && echo ok")  # fmt: skip
     if create:
         return f"mkdir -p $(dirname {SERVICE_FILE}) && {write}"
-    mine = shlex.quote(f'"id": "{record["id"]}"')
-    return f"if grep -qF {mine} {SERVICE_FILE} 2>/dev/null; then {write}; else echo gone; fi"
+    return f"if {_is_mine_sh(record['id'])}; then {write}; else echo gone; fi"
 
 
-def read_record_sh() -> str:
-    return f"cat {SERVICE_FILE} 2>/dev/null; true"
+def _is_mine_sh(service_id: str) -> str:
+    """True (exit 0) while the record on the master is this service's own."""
+    mine = shlex.quote(f'"id": "{service_id}"')
+    return f"grep -qF {mine} {SERVICE_FILE} 2>/dev/null"
 
 
 def parse_record(text: str) -> dict | None:
@@ -413,10 +414,8 @@ class Service:
         """Every replica stopped, the lease and the record given back (blocking)."""
         missed = self.processes.stop_all()
         try:
-            mine = shlex.quote(f'"id": "{self.id}"')
             run_on(self.session, self.session.master, ["sh", "-c",
-                   f"grep -qF {mine} {SERVICE_FILE} 2>/dev/null && rm -f {SERVICE_FILE}; "
-                   f"rm -f {LEASE}"])  # fmt: skip
+                   f"{_is_mine_sh(self.id)} && rm -f {SERVICE_FILE}; rm -f {LEASE}"])  # fmt: skip
         except DeepfleetError:
             pass  # the master is gone: its lease lapses by itself
         return missed
@@ -425,20 +424,18 @@ class Service:
 def stop_service(session: Session, out) -> int:
     """`deepfleet serve --stop`: ask the running service to end, then make sure."""
     master = session.master
-    record = parse_record(run_on(session, master, ["sh", "-c", read_record_sh()]))
+    record = parse_record(run_on(session, master, ["sh", "-c", SERVICE_READ_SH]))
     if not record:  # nothing of a service to stop: a training job here is left alone
         out.write("deepfleet: no service is running on this cluster\n")
         return 0
     run_on(session, master, ["rm", "-f", SERVICE_FILE])
-    if record:
-        deadline = time.monotonic() + 3 * RENEW_EVERY
-        while time.monotonic() < deadline:  # the service notices and stops its replicas
-            lease = run_on(session, master, ["sh", "-c", f"cat {LEASE} 2>/dev/null; true"])
-            if record.get("held_by", "") not in lease:
-                break
-            time.sleep(1.0)
-    containers = {n.spec.name: n.container_id for n in session.state.nodes}
-    counted = launch.stop_counted(session.clients, containers)
+    deadline = time.monotonic() + 3 * RENEW_EVERY
+    while time.monotonic() < deadline:  # the service notices and stops its replicas
+        lease = run_on(session, master, ["sh", "-c", LEASE_READ_SH])
+        if record.get("held_by", "") not in lease:
+            break
+        time.sleep(1.0)
+    counted = launch.stop_counted(session.clients, session.container_ids())
     run_on(session, master, ["rm", "-f", LEASE])
     out.write(f"deepfleet: stopped the service at {record.get('url')} "
               f"({len(record.get('replicas', []))} replicas)\n")  # fmt: skip
@@ -483,7 +480,7 @@ def serve(session: Session, req: ServeRequest, out=sys.stdout) -> str:
     sock = bind(listen)
     try:
         check_no_live_job(session, LivenessPolicy())
-        clean_slate(session, {n.spec.name: n.container_id for n in session.state.nodes}, out)
+        clean_slate(session, session.container_ids(), out)
         model = served_model(session, req, out)
         sp = plan_replicas(session, req, jobs.model_bytes(session, model))
         out.write(describe(sp) + "\n")

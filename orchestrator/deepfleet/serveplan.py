@@ -25,6 +25,7 @@ MAX_TOKENS_LIMIT = 4096  # the most one request may ask for (--max-tokens-limit)
 API_KEY_ENV = "DEEPFLEET_API_KEY"  # the endpoint's key when --api-key is not given
 # The running service's record on the master: where it listens, its replicas' counts.
 SERVICE_FILE = "/workspace/.deepfleet/service.json"
+SERVICE_READ_SH = f"cat {SERVICE_FILE} 2>/dev/null; true"
 
 
 @dataclass(frozen=True)

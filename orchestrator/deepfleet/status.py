@@ -16,7 +16,7 @@ from . import joblogs
 from .connect import connect, fan_out, first_line
 from .containers import exec_text
 from .errors import DeepfleetError
-from .serveplan import SERVICE_FILE
+from .serveplan import SERVICE_READ_SH
 from .state import ClusterState, NodeState
 from .watchdog import LEASE_READ_SH, LivenessPolicy, live_lease
 
@@ -127,7 +127,7 @@ def gather(state: ClusterState, timeout: float, policy: LivenessPolicy | None = 
                 current = _shell(container, f"cat {joblogs.CURRENT} 2>/dev/null; true", name)
                 job_name[0] = current.strip() or None
                 lease[0] = live_lease(_shell(container, LEASE_READ_SH, name), policy)
-                record[0] = _shell(container, f"cat {SERVICE_FILE} 2>/dev/null; true", name)
+                record[0] = _shell(container, SERVICE_READ_SH, name)
         finally:
             client.close()
         return row

@@ -119,7 +119,8 @@ def test_plan_with_a_model_shape_gives_the_memory_verdict_and_auto_config(tmp_pa
     assert "is not modelinfo's JSON" in capsys.readouterr().err
 
 
-def test_train_dry_run_prints_the_split_and_the_launch_a_bridge_job_would_run(tmp_path, capsys):
+def save_desk_and_laptop(state_dir, laptop: dict) -> None:
+    """A saved cluster of a desktop with an RTX 4090 and a laptop without a GPU."""
     from unitdata import detect_report, inv
 
     from deepfleet.state import ClusterState, NodeState, StateStore
@@ -129,12 +130,17 @@ def test_train_dry_run_prints_the_split_and_the_launch_a_bridge_job_would_run(tm
     versions = dict(detect_report()["versions"], torch="2.13.0+cu130", cuda="13.0")
     desk = detect_report(accelerator="cuda", gpu_vendor="nvidia", gpus=[gpu], versions=versions,
                          torch_arch_list=["sm_89"])  # fmt: skip
-    laptop = detect_report(cpu_count=4)
     specs = inv("desk", "laptop").nodes
     state = ClusterState("c0ffee", "deepfleet/cpu:latest", [
         NodeState(specs[0], "cuda", report=desk), NodeState(specs[1], "cpu", report=laptop),
     ])  # fmt: skip
-    StateStore(tmp_path).save(state)
+    StateStore(state_dir).save(state)
+
+
+def test_train_dry_run_prints_the_split_and_the_launch_a_bridge_job_would_run(tmp_path, capsys):
+    from unitdata import detect_report
+
+    save_desk_and_laptop(tmp_path, detect_report(cpu_count=4))
     base = ["--state-dir", str(tmp_path), "train", "--dry-run", "--micro-batch", "3"]
     assert cli.main(base) == 0
     out = capsys.readouterr().out
@@ -150,20 +156,9 @@ def test_train_dry_run_prints_the_split_and_the_launch_a_bridge_job_would_run(tm
 
 
 def test_serve_dry_run_puts_a_replica_on_the_gpu_desk_and_the_laptop(tmp_path, capsys):
-    from unitdata import detect_report, inv
+    from unitdata import detect_report
 
-    from deepfleet.state import ClusterState, NodeState, StateStore
-
-    gpu = {"index": 0, "vendor": "nvidia", "name": "NVIDIA GeForce RTX 4090",
-           "memory_bytes": 24 << 30, "compute_capability": "8.9", "driver": "580.65"}  # fmt: skip
-    versions = dict(detect_report()["versions"], torch="2.13.0+cu130", cuda="13.0")
-    desk = detect_report(accelerator="cuda", gpu_vendor="nvidia", gpus=[gpu], versions=versions,
-                         torch_arch_list=["sm_89"])  # fmt: skip
-    specs, laptop = inv("desk", "laptop").nodes, detect_report()
-    state = ClusterState("c0ffee", "deepfleet/cpu:latest", [
-        NodeState(specs[0], "cuda", report=desk), NodeState(specs[1], "cpu", report=laptop),
-    ])  # fmt: skip
-    StateStore(tmp_path).save(state)
+    save_desk_and_laptop(tmp_path, detect_report())
     assert cli.main(["--state-dir", str(tmp_path), "serve", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "serve: 2 replica(s) on 2 machine(s); model size unknown" in out

@@ -383,9 +383,12 @@ def encode_prompt(tokenizer, prompt: str, chat: bool):
         return tokenizer(prompt, return_tensors="pt")
     if not tokenizer.chat_template:
         raise SystemExit("--chat: this model's tokenizer has no chat template")
-    text = tokenizer.apply_chat_template(
-        [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
-    )
+    return encode_chat(tokenizer, [{"role": "user", "content": prompt}])
+
+
+def encode_chat(tokenizer, messages: list[dict]):
+    """Messages through the model's chat template (infer --chat, and serve's chat requests)."""
+    text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
     # The template writes its own special tokens (e.g. BOS); don't add a second set.
     return tokenizer(text, return_tensors="pt", add_special_tokens=False)
 

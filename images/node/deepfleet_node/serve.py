@@ -43,7 +43,7 @@ from typing import Any
 
 from . import joblog
 from ._log import exit_after_success, say
-from .infer import cut_at_stop
+from .infer import cut_at_stop, encode_chat
 
 TOKEN_ENV = "DEEPFLEET_SERVE_TOKEN"
 NDJSON = "application/x-ndjson"
@@ -180,13 +180,9 @@ def encode(tokenizer, req: dict[str, Any]):
     if not tokenizer.chat_template:
         raise RequestError('this model\'s tokenizer has no chat template; send "prompt"')
     try:
-        text = tokenizer.apply_chat_template(
-            req["messages"], add_generation_prompt=True, tokenize=False
-        )
+        return encode_chat(tokenizer, req["messages"])
     except Exception as exc:  # noqa: BLE001 - a template refusing these messages (its raise_exception)
         raise RequestError(f"the chat template refused these messages: {one_line(exc)}") from None
-    # The template writes its own special tokens (e.g. BOS); don't add a second set.
-    return tokenizer(text, return_tensors="pt", add_special_tokens=False)
 
 
 def one_line(exc: BaseException) -> str:
