@@ -3,10 +3,11 @@ to do when one dies under it.
 
 Each request goes to the ready replica that would finish it first: the fewest requests
 outstanding per unit of measured speed (tokens/s, first from the replica's warm-up, then a
-moving average of what it delivers). A replica whose connection breaks or that answers 5xx
-is taken out and handed to the supervisor to restart; the request is retried on another
-replica, and a stream already under way skips the text it has already sent, so the client
-sees one unbroken answer.
+moving average of what it delivers as a whole: a request's tokens/s times the requests it
+shared the replica with, by Little's law, so a busy replica is not also counted slow).
+A replica whose connection breaks or that answers 5xx is taken out and handed to the
+supervisor to restart; the request is retried on another replica, and a stream already
+under way skips the text it has already sent, so the client sees one unbroken answer.
 """
 
 from __future__ import annotations
@@ -49,9 +50,19 @@ class ReplicaState:
     failed: int = 0
     restarts: int = 0
     since: float = field(default_factory=time.time)
+    load_area: float = 0.0  # integral of outstanding over time (request-seconds)
+    load_at: float = field(default_factory=time.monotonic)
 
     def cost(self) -> float:
         return (self.outstanding + 1) / max(self.speed, 1e-6)
+
+    def load(self, change: int = 0) -> tuple[float, float]:
+        """(load_area, now) after adding `change` to outstanding at this moment."""
+        now = time.monotonic()
+        self.load_area += self.outstanding * (now - self.load_at)
+        self.load_at = now
+        self.outstanding += change
+        return self.load_area, now
 
     def to_dict(self) -> dict:
         return {
@@ -145,14 +156,13 @@ class Pool:
         last_cause = ""
         for _ in range(RETRIES):
             replica = await self._wait_pick(failed)
-            replica.outstanding += 1
-            start = time.monotonic()
+            started = replica.load(+1)
             produced = 0
             try:
                 async for piece in self._stream(replica, body):
                     if piece.done is not None:
                         replica.served += 1
-                        self._measure(replica, piece.done, time.monotonic() - start)
+                        self._measure(replica, piece.done, started, replica.load())
                         yield piece
                         return
                     produced += len(piece.text)
@@ -166,7 +176,7 @@ class Pool:
                 last_cause = f"{replica.name} {_cause(exc)}"
                 self.mark(replica, DOWN, _cause(exc))
             finally:
-                replica.outstanding -= 1
+                replica.load(-1)
         raise NoReplica(f"the request failed on {RETRIES} replicas (last: {last_cause})")
 
     async def _stream(self, replica: ReplicaState, body: dict) -> AsyncIterator[Piece]:
@@ -192,10 +202,16 @@ class Pool:
         raise ReplicaBroke("the replica's answer ended before the request did")
 
     @staticmethod
-    def _measure(replica: ReplicaState, done: dict, seconds: float) -> None:
+    def _measure(
+        replica: ReplicaState, done: dict, start: tuple[float, float], end: tuple[float, float]
+    ) -> None:
+        """The replica's throughput from one request: its tokens/s times the mean number
+        of requests the replica held meanwhile (itself included)."""
         tokens = int(done.get("completion_tokens") or 0)
+        seconds = end[1] - start[1]
         if tokens >= 4 and seconds > 0:  # a short answer says little about speed
-            replica.speed = 0.7 * replica.speed + 0.3 * tokens / seconds
+            sharing = max(1.0, (end[0] - start[0]) / seconds)
+            replica.speed = 0.7 * replica.speed + 0.3 * tokens * sharing / seconds
 
     async def close(self) -> None:
         if self._client is not None:

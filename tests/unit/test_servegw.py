@@ -118,8 +118,9 @@ class StandIn:
     """A replica on a loopback port; `die_after`: pieces it sends before its process
     'dies' (the connection drops mid-answer)."""
 
-    def __init__(self, delay: float = 0.0):
+    def __init__(self, delay: float = 0.0, slots: int = 1000):
         self.delay = delay
+        self.slots = asyncio.Semaphore(slots)  # requests beyond it wait, as on a real replica
         self.die_after: int | None = None
         self.fail_after: int | None = None  # then an error line, as an out-of-memory sends
         self.requests = 0
@@ -143,6 +144,11 @@ class StandIn:
             die, fail = self.die_after, self.fail_after
 
             async def stream():
+                async with self.slots:
+                    async for line in pieces_of():
+                        yield line
+
+            async def pieces_of():
                 for index, piece in enumerate(pieces):
                     if die is not None and index == die:
                         self.die_after = None
@@ -249,6 +255,19 @@ def test_thirty_concurrent_requests_are_all_answered_and_the_faster_replica_take
         answers = list(pool.map(ask, range(30)))
     assert answers == [True] * 30
     assert fast.requests + slow.requests == 30 and fast.requests > slow.requests
+
+
+def test_a_busy_replica_is_measured_by_what_it_delivers_not_by_each_answers_wait():
+    serial = StandIn(delay=0.005, slots=1)  # 200 tokens/s, one request at a time
+    gateway = Gateway([serial])
+    client = gateway.client()
+    with __import__("concurrent.futures").futures.ThreadPoolExecutor(10) as pool:
+        list(pool.map(lambda i: client.completions.create(model="tiny", prompt=f"p{i}",
+                                                          max_tokens=8), range(20)))  # fmt: skip
+    # each answer waited behind up to nine others; the replica still made ~200 tokens/s
+    assert 100 < gateway.states[0].speed < 260, gateway.states[0]
+    for server in (gateway.server, serial.server):
+        server.should_exit = True
 
 
 def test_a_replica_dying_mid_stream_leaves_one_unbroken_answer(two):
