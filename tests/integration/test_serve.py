@@ -190,10 +190,12 @@ def test_a_replica_killed_under_load_loses_no_request_and_comes_back(cluster, se
     load = threading.Thread(target=lambda: answers.extend(_ask_all(service, 30, 64, expected)))
     load.start()
     deadline = time.monotonic() + 60
-    while busiest := max(_health(service)["replicas"], key=lambda r: r["outstanding"]):
+    while True:
+        health = _health(service)
+        busiest = max(health["replicas"], key=lambda r: r["outstanding"])
         if busiest["outstanding"] >= 3:  # requests in flight and queued on it
             break
-        assert time.monotonic() < deadline, f"no replica had 3 requests: {_health(service)}"
+        assert time.monotonic() < deadline, f"no replica had 3 requests: {health}"
         time.sleep(0.1)
     name = busiest["name"]
     index = [n.name for n in cluster.lab.nodes].index(busiest["machine"])
