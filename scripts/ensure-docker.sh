@@ -1,11 +1,14 @@
 #!/usr/bin/env bash
 # Make sure a Docker engine answers. Uses a running one; otherwise installs Debian's
 # docker.io (and debootstrap, used to make local base images) and starts dockerd.
-# Also OpenSSH's client where it is missing.
+# Also OpenSSH's client, docker-registry and skopeo where they are missing.
 set -euo pipefail
 need=()
 # `deepfleet shell` hands the terminal to OpenSSH's client (its test needs one too)
 command -v ssh >/dev/null || need+=(openssh-client)
+# the registry path's tests: Debian's registry server and skopeo, which pushes to it
+command -v docker-registry >/dev/null || need+=(docker-registry)
+command -v skopeo >/dev/null || need+=(skopeo)
 if docker info >/dev/null 2>&1 && [ "${#need[@]}" -eq 0 ]; then
   exit 0
 fi
@@ -19,6 +22,10 @@ if [ "${#need[@]}" -gt 0 ]; then
   echo "ensure-docker: installing ${need[*]}"
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  # the package's own service would serve :5000 on every interface; the tests start theirs
+  if [[ " ${need[*]} " == *" docker-registry "* ]] && command -v systemctl >/dev/null; then
+    systemctl disable --now docker-registry >/dev/null 2>&1 || true
+  fi
 fi
 if ! docker info >/dev/null 2>&1; then
   echo "ensure-docker: starting dockerd"

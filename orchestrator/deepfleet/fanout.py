@@ -107,7 +107,8 @@ def put_images(local, clients, plan: ImagePlan, log: Callable[[str], None], boar
 
     def put(node: str):
         mode = "always" if node in plan.pull else "never"  # a failed pull then streams
-        return images.ensure_image(local, clients[node], plan.refs[node], node, mode, board)
+        say = None if board is not None else log  # a board's lines do not tear its bars
+        return images.ensure_image(local, clients[node], plan.refs[node], node, mode, board, say)
 
     results, errors = fan_out(direct, put, lambda n: n)
     outcome.results.update(results)

@@ -25,11 +25,12 @@ from hashlib import sha256
 from pathlib import Path
 
 import paramiko
-from docker.errors import APIError, DockerException, ImageNotFound
+from docker.errors import DockerException, ImageNotFound
 
-from . import progress
+from . import progress, published, registry
 from .connect import host_channel, stall_timeout
 from .errors import ImageError
+from .manifest import read_manifest
 
 CHUNK = 4 << 20
 
@@ -62,15 +63,33 @@ class ImageResult:
 
 def names_registry(ref: str) -> bool:
     """True when the first path component is a registry host (has '.' or ':' or is localhost)."""
-    first, sep, _ = ref.partition("/")
-    return bool(sep) and ("." in first or ":" in first or first == "localhost")
+    return bool(registry.parse_ref(ref).registry)
+
+
+def local_source(local, ref: str) -> tuple[str, str] | None:
+    """This machine's name and ID for the image `ref` names: the ref itself, or, for a
+    digest reference in the published record, the local image it was pushed from (the
+    image ID is the same wherever the image lives)."""
+    try:
+        return ref, local.images.get(ref).id
+    except ImageNotFound:
+        pass
+    entry = published.lookup(ref) if "@" in ref else None
+    if entry is None:
+        return None
+    for name in (entry.get("source"), entry["image_id"]):
+        try:
+            image = local.images.get(name) if name else None
+        except ImageNotFound:
+            continue
+        if image is not None and image.id == entry["image_id"]:
+            return name, image.id
+    return None
 
 
 def local_image_id(local, ref: str) -> str | None:
-    try:
-        return local.images.get(ref).id
-    except ImageNotFound:
-        return None
+    found = local_source(local, ref)
+    return found[1] if found else None
 
 
 # Set by images/Dockerfile.cuda from the manifest: the CUDA release its torch is built for.
@@ -234,30 +253,38 @@ def _load(client, archive: Path, ref: str, node: str, stall: float, board=None) 
     return sent.done
 
 
-def ensure_image(local, client, ref: str, node: str, pull: str = "auto", board=None) -> ImageResult:
-    """Make `ref` present on the node's engine with the operator's image ID."""
+def ensure_image(
+    local, client, ref: str, node: str, pull: str = "auto", board=None, say=None
+) -> ImageResult:
+    """Make `ref` present on the node's engine with the operator's image ID: pulled where
+    it names a registry, else (or when the pull fails, saying why) streamed from here."""
     start = time.monotonic()
-    want = local_image_id(local, ref) if local is not None else None
+    source = local_source(local, ref) if local is not None else None
+    want = source[1] if source else None
     have = node_image_id(client, ref)
     if have and (want is None or have == want):
         return ImageResult(node, "present", have, time.monotonic() - start)
+    say = say or (board.line if board is not None else lambda _line: None)
     if pull == "always" or (pull == "auto" and names_registry(ref)):
         try:
-            client.images.pull(ref)
-            got = node_image_id(client, ref)
-            if got and (want is None or got == want):
-                return ImageResult(node, "pulled", got, time.monotonic() - start)
-        except APIError as exc:
+            got = registry.pull(client, ref, node, board, read_manifest())
+        except registry.PullFailed as exc:
             if want is None:
-                raise ImageError(f"cannot pull {ref}: {exc.explanation or exc}", node) from exc
-    if want is None:
+                raise
+            say(f"[{node}] {exc}; streaming the image from here instead")
+        else:
+            if want is None or got == want:
+                return ImageResult(node, "pulled", got, time.monotonic() - start)
+            say(f"[{node}] the registry's {ref} is {got}, not this machine's {want}: streaming")
+    if source is None:
         raise ImageError(
             f"image {ref} is neither on the node nor on this machine to stream "
             f"(build it with `make images`)",
             node,
         )
-    sent = stream_image(local, client, ref, node, want, board)
-    got = node_image_id(client, ref)
+    name = source[0]
+    sent = stream_image(local, client, name, node, want, board)
+    got = node_image_id(client, name)
     if got != want:
-        raise ImageError(f"after streaming, {ref} is {got} on the node, not {want}", node)
+        raise ImageError(f"after streaming, {name} is {got} on the node, not {want}", node)
     return ImageResult(node, "streamed", got, time.monotonic() - start, sent)

@@ -48,7 +48,7 @@ def test_no_relay_asked_streams_directly_without_a_note():
 
 
 def test_registry_images_are_pulled_not_relayed():
-    ref = "registry.lan:5000/deepfleet/cpu@sha256:abc"
+    ref = "registry.lan:5000/deepfleet/cpu@sha256:" + "ab" * 32
     p = plan({n: ref for n in "ab"}, {})
     assert p.pull == ("a", "b") and p.chains == ()
 
