@@ -100,7 +100,7 @@ bench: setup
 	scripts/bench.sh
 
 demo: setup
-	scripts/demo.sh
+	@scripts/demo.sh
 
 test: setup
 	scripts/test.sh

@@ -5,8 +5,7 @@
 set -euo pipefail
 name="${1:?usage: make-base.sh IMAGE_NAME}"
 if docker image inspect "$name" >/dev/null 2>&1; then
-  echo "base image $name present"
-  exit 0
+  exit 0  # nothing to say: the usual case after the first build
 fi
 if ! command -v debootstrap >/dev/null; then
   echo "make-base: debootstrap is missing (apt-get install -y debootstrap)" >&2

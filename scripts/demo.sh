@@ -13,7 +13,7 @@ cleanup() {
   exit "$status"
 }
 trap cleanup EXIT INT TERM
-step() { printf '\n==> %s\n' "$*"; }
+step() { printf '==> %s\n' "$*"; }
 
 step "building the CPU node image (cached after the first time)"
 make -s images

@@ -480,6 +480,30 @@ def cmd_build(args) -> int:
     return 0
 
 
+def cmd_push_image(args) -> int:
+    import docker
+
+    from . import published, registry
+    from .manifest import read_manifest
+
+    manifest = read_manifest()
+    local = docker.from_env(timeout=600)
+    try:
+        for flavor in args.flavor or ["cpu"]:
+            source = f"deepfleet/{flavor}:latest"
+            print(f"deepfleet: pushing {source} to {args.registry} (skopeo)", flush=True)
+            entry = registry.push(
+                local, source, args.registry, flavor, manifest,
+                Path(args.cert_dir) if args.cert_dir else None, not args.no_tls_verify,
+            )  # fmt: skip
+            where = published.record(entry)
+            print(f"deepfleet: pushed {entry['tag']}")
+            print(f"deepfleet: up --image {entry['ref']}  (recorded in {where})")
+    finally:
+        local.close()
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="deepfleet", description=__doc__)
     p.add_argument("--state-dir", type=Path, default=None, help="default ./.deepfleet")
@@ -498,7 +522,12 @@ def parser() -> argparse.ArgumentParser:
     up.add_argument("nodes", nargs="*", help="[user@]host[:port][=flavor] or SSH config alias")
     _add_cluster_file(up)
     up.add_argument("--ssh-config", default=os.environ.get("DEEPFLEET_SSH_CONFIG"))
-    up.add_argument("--image", default=None, help="node image (default deepfleet/<flavor>:latest)")
+    up.add_argument(
+        "--image",
+        default=None,
+        help="node image (default deepfleet/<flavor>:latest); REGISTRY/REPO@sha256:... to pull "
+        "by digest; 'published': the newest pushed image of images/versions.env",
+    )
     up.add_argument(
         "--flavor", default=None, choices=("cpu", "cuda", "rocm"), help="default: per machine"
     )
@@ -549,7 +578,9 @@ def parser() -> argparse.ArgumentParser:
     tr.add_argument("--seq-len", type=int, default=64)
     tr.add_argument("--micro-batch", type=int, default=4)
     tr.add_argument("--lr", type=float, default=3e-3)
-    tr.add_argument("--log-every", type=int, default=5)
+    tr.add_argument(
+        "--log-every", type=int, default=0, help="a progress line every N steps (0: about 6 a run)"
+    )
     tr.add_argument("--save-every", type=int, default=0)
     tr.add_argument("--resume", action="store_true")
     _add_balance(tr)
@@ -678,6 +709,17 @@ def parser() -> argparse.ArgumentParser:
     bd.add_argument("--torch-index-url", default="")
     bd.add_argument("--tag", default="")
     bd.set_defaults(func=cmd_build)
+
+    ph = sub.add_parser(
+        "push-image", help="push the node images to a registry and record their digests"
+    )
+    ph.add_argument("registry", help="host[:port] of the registry")
+    ph.add_argument(
+        "--flavor", action="append", choices=("cpu", "cuda", "rocm"), help="default: cpu"
+    )
+    ph.add_argument("--cert-dir", help="the registry's CA certificate(s), for a private CA")
+    ph.add_argument("--no-tls-verify", action="store_true", help="a plain-HTTP registry")
+    ph.set_defaults(func=cmd_push_image)
     return p
 
 

@@ -10,7 +10,7 @@ import json
 import os
 import secrets
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import docker
@@ -24,14 +24,16 @@ from . import (
     images,
     keys,
     progress,
+    published,
     relay,
     reports,
     transfer,
 )
-from .connect import connect, fan_out, run_host
+from .connect import by_outcome, connect, fan_out, run_host
 from .errors import ContainerError, DeepfleetError, PlanError
 from .inventory import Inventory, NodeSpec
-from .plan import RUN_DIR, ClusterPlan, describe, plan_cluster
+from .manifest import read_manifest
+from .plan import RUN_DIR, ClusterPlan, left_out_lines, plan_cluster
 from .state import ClusterState, NodeState, StateStore
 
 CONTAINER_NAME = "deepfleet-node"
@@ -71,6 +73,8 @@ class UpOptions:
 
 
 def image_for(flavor: str, opts: UpOptions) -> str:
+    if opts.image == published.PUBLISHED:  # the newest pushed image of this manifest
+        return published.newest(flavor, read_manifest())["ref"]
     return opts.image or f"deepfleet/{flavor}:latest"
 
 
@@ -288,7 +292,9 @@ def up(inventory: Inventory, store: StateStore, opts: UpOptions, out=sys.stdout)
             out,
             f"deepfleet: cluster {cluster} is up: {plan.world_size} slots, backend {plan.backend}",
         )
-        _log(out, describe(plan))
+        # the status table that follows shows the machines; a machine left out says why here
+        for line in left_out_lines(plan):
+            _log(out, line)
         return state
     except BaseException:
         _undo(state, clients, store, out)
@@ -319,7 +325,7 @@ def _choose_flavors(state: ClusterState, clients: dict, opts: UpOptions, out) ->
     _raise_if(errors)
     for node in state.nodes:
         node.flavor = results[node.spec.name]
-        _log(out, f"[{node.spec.name}] flavor {node.flavor}")
+    _log(out, "deepfleet: flavors: " + ", ".join(f"{n.spec.name} {n.flavor}" for n in state.nodes))
 
 
 def _local_labels(ref: str) -> dict[str, str]:
@@ -380,6 +386,10 @@ def _start_containers(state, clients, pubkey, opts, store, out) -> None:
     def start(node: NodeState):
         client = clients[node.spec.name]
         spec = container_spec(node.spec, node.flavor, state.cluster, pubkey, opts)
+        if "@" in spec.image and node.image_id:
+            # a digest reference exists only where it was pulled; a machine that took the
+            # stream instead holds the same image ID under this machine's name for it
+            spec = replace(spec, image=node.image_id)
         containers.remove_if_present(client, spec.name, node.spec.name, cluster=state.cluster)
         node.container_name = spec.name  # before create: an undo must look for it
         container = containers.create_and_start(client, spec, node.spec.name)
@@ -390,8 +400,7 @@ def _start_containers(state, clients, pubkey, opts, store, out) -> None:
     results, errors = fan_out(state.nodes, start, lambda n: n.spec.name)
     store.save(state)  # before raising: down must find whatever did start
     _raise_if(errors)
-    for name in results:
-        _log(out, f"[{name}] container {CONTAINER_NAME} running")
+    _log(out, f"deepfleet: container {CONTAINER_NAME} running on {', '.join(results)}")
 
 
 def _collect_reports(state, clients, store) -> ClusterPlan:
@@ -510,8 +519,8 @@ def down(
             client.close()
 
     results, errors = fan_out(state.nodes, remove, lambda n: n.spec.name)
-    for name, removed in results.items():
-        _log(out, f"[{name}] container {'removed' if removed else 'was already gone'}")
+    for outcome, names in by_outcome(results, {True: "removed", False: "was already gone"}):
+        _log(out, f"deepfleet: container {outcome} on {', '.join(names)}")
     for name, exc in errors.items():
         warnings.append(
             f"{name}: not cleaned ({exc.one_line()}); its container may remain: "

@@ -296,5 +296,14 @@ def fan_out(
     return results, errors
 
 
+def by_outcome(results: dict[str, R], words: dict[R, str]) -> list[tuple[str, list[str]]]:
+    """fan_out's results as (word, machines) per outcome, in words' order: one line
+    per outcome reads the same for 2 machines or 20."""
+    grouped = [
+        (word, [n for n, r in results.items() if r == value]) for value, word in words.items()
+    ]
+    return [(word, names) for word, names in grouped if names]
+
+
 def connect_all(nodes: Iterable[NodeSpec], timeout: float = 15.0):
     return fan_out(nodes, lambda n: connect(n, timeout), key=lambda n: n.name)

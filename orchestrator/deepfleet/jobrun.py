@@ -127,7 +127,7 @@ def run_job(
     if not checked:
         ready_cluster(session, slots, options, out)
     plan = job_plan(session, slots, options.backend, options.mixed)
-    out.write(describe(plan) + "\n")
+    out.write(describe(plan, detail=options.verbose) + "\n")
     master = session.master
     every = session.container_ids()
     # the planned nodes, and the master: the launcher runs there even when it has no slot

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from . import inferplan, inputs, joblogs, launch, memfit, progress, trainplan, transfer
 from .cluster import Session
-from .connect import fan_out
+from .connect import by_outcome, fan_out
 from .containers import exec_text
 from .errors import DeepfleetError, InputError
 from .jobrun import RunOptions, job_plan, ready_cluster, run_job
@@ -49,7 +49,7 @@ class TrainRequest:
     seq_len: int = 64
     micro_batch: int = 4
     lr: float = 3e-3
-    log_every: int = 5
+    log_every: int = 0  # 0: the node picks (about 6 lines a run)
     save_every: int = 0
     resume: bool = False
     epochs: float | None = None
@@ -172,8 +172,8 @@ def _push_everywhere(session: Session, local: str, root: str, out) -> str:
         board.close()
     if errors:
         raise next(iter(errors.values()))
-    for name, copied in results.items():
-        out.write(f"[{name}] {target}: {'copied' if copied else 'unchanged'}\n")
+    for outcome, names in by_outcome(results, {True: "copied to", False: "unchanged on"}):
+        out.write(f"deepfleet: {target}: {outcome} {', '.join(names)}\n")
     return _in_container_path(local, root)
 
 
@@ -194,8 +194,9 @@ def replicate_from_master(session: Session, path: str, out) -> None:
         board.close()
     if errors:
         raise next(iter(errors.values()))
-    for name, copied in results.items():
-        out.write(f"[{name}] {path}: {'copied from ' + master if copied else 'unchanged'}\n")
+    copied = {True: f"copied from {master} to", False: "unchanged on"}
+    for outcome, names in by_outcome(results, copied):
+        out.write(f"deepfleet: {path}: {outcome} {', '.join(names)}\n")
 
 
 def _ensure_demo_assets(session: Session, out) -> None:

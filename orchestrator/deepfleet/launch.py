@@ -35,11 +35,11 @@ ERROR_LINE = re.compile(
 # Library chatter the terminal leaves to the machines' job logs (`deepfleet logs`, or
 # everything with -v): DeepSpeed's logger below ERROR, c10's glog-style info and warning
 # lines, Python warnings with the source line they quote, and the job log's own header.
+WARNING_HEAD = r"\S+\.py:\d+: \w*Warning: "
 CHATTER = re.compile(
     r"^(?:\[\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+\] \[(?:DEBUG|INFO|WARNING)\]"
     r"|\[[IW]\d{4} \d\d:\d\d:\d\d"
-    r"|\S+\.py:\d+: \w*Warning: "
-    r"|\s+warnings\.warn\("
+    rf"|{WARNING_HEAD}"
     r"|=== \S+ rank \d+ on )"
 )
 # Processes a job leaves in a node container: the launcher, pdsh, its ssh hops, the ranks.
@@ -124,6 +124,18 @@ class LinePrefixer:
         self.errors: dict[str, str] = {}  # each node's last error line
         self.buffer = ""
         self.lines: list[str] = []
+        self._warned: set[str] = set()  # nodes whose last line was a Python warning's first
+
+    def chatter(self, node: str, text: str) -> bool:
+        """A library's line: a log record, or a Python warning and the source line
+        `warnings` prints under it (indented, on the next line from the same node)."""
+        after_warning = node in self._warned
+        self._warned.discard(node)
+        if after_warning and text[:1].isspace():
+            return True
+        if re.match(WARNING_HEAD, text):
+            self._warned.add(node)
+        return bool(CHATTER.match(text))
 
     def feed(self, data: bytes) -> None:
         self.buffer += data.decode(errors="replace")
@@ -157,7 +169,7 @@ class LinePrefixer:
         node, text = self.split(line.rstrip("\r"))
         labelled = f"[{node}] {text}"
         self.lines.append(labelled)
-        if self.verbose or not CHATTER.match(text):
+        if not self.chatter(node, text) or self.verbose:
             self.write(labelled + "\n")
         error = ERROR_LINE.match(text.strip())
         if error:

@@ -91,18 +91,32 @@ class ClusterPlan:
         return None
 
 
-def describe(plan: ClusterPlan) -> str:
-    """The plan as the operator reads it: who runs, on what, and who sits out and why."""
-    lines = [
+def describe(plan: ClusterPlan, detail: bool = True) -> str:
+    """The plan as the operator reads it: who runs, on what, and who sits out and why.
+    detail=False: one line for the machines (a job's start needs no table); the machines
+    left out keep their own line each, because each says what to do about it."""
+    head = (
         f"plan: {plan.world_size} ranks on {len(plan.nodes)} machine(s), backend {plan.backend}, "
         f"{plan.precision}, master {plan.master.name} ({plan.master_addr}:{plan.master_port})"
-    ]
-    for node in plan.nodes:
-        what = f"{node.gpus} GPU(s)" if node.accelerator != "cpu" else "CPU"
-        lines.append(f"  {node.name:<12} {node.slots} rank(s) on {node.accelerator} ({what})")
-    for out in plan.left_out:
-        lines.append(f"  {out.name:<12} left out: {out.reason}; to use it: {out.override}")
-    return "\n".join(lines)
+    )
+    if detail:
+        lines = [head]
+        for node in plan.nodes:
+            lines.append(
+                f"  {node.name:<12} {node.slots} rank(s) on {node.accelerator} ({_what(node)})"
+            )
+    else:
+        where = ", ".join(f"{n.name} {n.slots} on {_what(n)}" for n in plan.nodes)
+        lines = [f"{head}: {where}"]
+    return "\n".join([*lines, *left_out_lines(plan)])
+
+
+def left_out_lines(plan: ClusterPlan) -> list[str]:
+    return [f"  {o.name:<12} left out: {o.reason}; to use it: {o.override}" for o in plan.left_out]
+
+
+def _what(node: PlannedNode) -> str:
+    return f"{node.gpus} GPU(s)" if node.accelerator != "cpu" else "CPU"
 
 
 def plan_dict(plan: ClusterPlan) -> dict:

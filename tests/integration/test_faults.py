@@ -395,14 +395,13 @@ def test_an_hf_cache_folder_copies_as_files_once_and_trains(cluster, tmp_path):
         "3",
     ]
     first = cluster.run(*args)
-    for node in cluster.lab.nodes:
-        assert f"[{node.name}] /workspace/models/example-org--tiny: copied" in first.stdout
+    every = ", ".join(node.name for node in cluster.lab.nodes)
+    assert f"deepfleet: /workspace/models/example-org--tiny: copied to {every}" in first.stdout
     assert steps(first.stdout)[-1][0] == 3
     code, out = cluster.node_exec(1, ["find", "/workspace/models/example-org--tiny", "-type", "l"])
     assert code == 0 and out.strip() == ""  # files, not links
     second = cluster.run(*args)
-    for node in cluster.lab.nodes:
-        assert f"[{node.name}] /workspace/models/example-org--tiny: unchanged" in second.stdout
+    assert f"deepfleet: /workspace/models/example-org--tiny: unchanged on {every}" in second.stdout
 
 
 def test_a_failing_rank_ends_with_its_own_error_line(cluster):

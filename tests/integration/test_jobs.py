@@ -97,9 +97,7 @@ def test_local_instruction_data_is_copied_once_and_trains(cluster, tmp_path):
     (data / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     args = ["train", "--run", "sft", "--data", str(data), "--steps", "6", "--log-every", "3"]
     first = cluster.run(*args, timeout=900)
-    assert "[lab1] /workspace/data/sft: copied" in first.stdout
-    assert "[lab2] /workspace/data/sft: copied" in first.stdout
+    assert "deepfleet: /workspace/data/sft: copied to lab1, lab2" in first.stdout
     second = cluster.run(*args, timeout=900)
-    assert "[lab1] /workspace/data/sft: unchanged" in second.stdout
-    assert "[lab2] /workspace/data/sft: unchanged" in second.stdout
+    assert "deepfleet: /workspace/data/sft: unchanged on lab1, lab2" in second.stdout
     assert steps(second.stdout)[-1][0] == 6

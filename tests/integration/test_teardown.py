@@ -26,5 +26,5 @@ def test_down_keeps_what_it_could_not_remove_and_finishes_later(cluster):
     finally:
         subprocess.run(["docker", "unpause", frozen.container], timeout=60)
     result = cluster.run("down")
-    assert "[lab3] container removed" in result.stdout
+    assert "deepfleet: container removed on lab3" in result.stdout
     assert not cluster.state_dir.exists()

@@ -101,3 +101,11 @@ def test_log_line_format():
     assert train.log_line(rec, 60) == (
         "step 10/60 loss 3.1234 lr 1.00e-03 tok/s 1234 samples/s 5.6 step_time 0.12s eta 5s"
     )
+
+
+@pytest.mark.parametrize(
+    ("asked", "total", "every"),
+    [(5, 60, 5), (0, 60, 10), (0, 3, 1), (0, 1, 1), (0, 10_000, 50), (0, 100, 17)],
+)
+def test_progress_lines_come_about_six_a_run_unless_asked(asked, total, every):
+    assert train.log_interval(asked, total) == every

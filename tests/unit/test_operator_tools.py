@@ -56,6 +56,19 @@ def test_verbose_output_is_everything():
     assert out == [f"[lab2] {line}\n" for line in CHATTER + SHOWN]
 
 
+def test_the_source_line_under_a_warning_is_chatter_an_indented_line_elsewhere_is_not():
+    out: list[str] = []
+    prefixer = LinePrefixer(two_node_plan(), out.append, verbose=False)
+    lines = [
+        "10.0.0.3: /opt/venv/lib/python3.11/site-packages/torch/x.py:9: UserWarning: old",
+        "10.0.0.2: step 1/2 loss 3.0",  # another machine's line between them
+        "10.0.0.3:   return func(*args, **kwargs)",
+        '10.0.0.3:   File "train.py", line 3, in <module>',
+    ]
+    prefixer.feed("".join(f"{line}\n" for line in lines).encode())
+    assert out == ["[lab1] step 1/2 loss 3.0\n", '[lab2]   File "train.py", line 3, in <module>\n']
+
+
 def _label(data: bytes, machine: str = "lab1") -> list[str]:
     out: list[str] = []
     labeller = joblogs.Labeller(machine, out.append)

@@ -70,7 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=3e-4)
     p.add_argument("--warmup-steps", type=int, default=10)
     p.add_argument("--weight-decay", type=float, help="default: the config's value")
-    p.add_argument("--log-every", type=int, default=10)
+    p.add_argument(
+        "--log-every", type=int, default=0, help="a progress line every N steps (0: about 6 a run)"
+    )
     p.add_argument(
         "--save-every", type=int, default=0, help="checkpoint every N steps (0: end only)"
     )
@@ -844,9 +846,17 @@ def log_window(run: Run, step: int, lr: float, window: Window, rank: int) -> flo
     return rec["loss"]
 
 
+def log_interval(asked: int, total: int) -> int:
+    """Steps between progress lines. Counted in steps, not seconds: each line is a
+    collective reduce, so every rank must agree on when it comes without talking."""
+    if asked > 0:
+        return asked
+    return max(1, min(math.ceil(total / 6), 50))
+
+
 def train_loop(run: Run, start: int, rank: int) -> float:
     window, last_loss, saved = Window(), float("nan"), start
-    every = run.args.log_every
+    every = log_interval(run.args.log_every, run.total)
     for step in range(start, run.total):
         lr = run.engine.get_lr()[0]
         began = time.perf_counter()
