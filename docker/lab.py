@@ -3,6 +3,7 @@
     python docker/lab.py up --nodes 2     # writes .lab/ssh_config, .lab/known_hosts, .lab/nodes
     python docker/lab.py up --nodes 3 --cpus "0.9 0.5 0.3" --mem "6g 4g 2g"
     python docker/lab.py up --nodes 4 --link 200mbit
+    python docker/lab.py up --nodes 3 --registry --slurm 2
     python docker/lab.py down
 
 Unlike machines: --cpus (cores, a CFS quota) and --mem (bytes, or 512m, 6g: binary units
@@ -15,6 +16,11 @@ cpu_quota and memory_limit_bytes). set_limits() changes them on a running lab.
 Shaped links: --link 200mbit caps what each machine sends and receives, and what this
 machine (the operator) sends to them, with tc on the lab's own interfaces, so transfer
 figures measure a LAN's links rather than the two CPUs the machines share.
+
+Every machine mounts the same host folder (.lab/shared) at /shared, as a site's machines
+share a network filesystem. --registry starts the lab's registry on the operator
+(labregistry.py), --slurm N a Slurm cluster on the first N machines (labslurm.py); on a
+running lab, `lab.py registry` and `lab.py slurm --nodes N` do the same.
 
 Everything it makes carries the label deepfleet.lab=1 and is removed by `down`, which
 `up` also runs first so a crashed earlier run leaves nothing behind. The operator reaches
@@ -34,6 +40,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import docker
+import labregistry
+import labslurm
 from docker.errors import APIError, DockerException, NotFound
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -42,6 +50,7 @@ PREFIX = "deepfleet-lab"
 NETWORK = f"{PREFIX}-net"
 IMAGE = "deepfleet/lab-node:latest"
 LOCAL_BASE = "deepfleet/base:bookworm"
+SHARED = "/shared"  # the same host folder in every machine: the lab's network filesystem
 
 
 CFS_PERIOD_US = 100_000
@@ -261,7 +270,7 @@ def _operator_key(lab_dir: Path) -> str:
     return (lab_dir / "id_ed25519.pub").read_text().strip()
 
 
-def _start_node(client, index: int, pubkey: str):
+def _start_node(client, index: int, pubkey: str, shared: Path):
     name = f"{PREFIX}-{index}"
     volume = client.volumes.create(name=f"{name}-docker", labels={LABEL: "1"})
     return client.containers.run(
@@ -282,6 +291,7 @@ def _start_node(client, index: int, pubkey: str):
         volumes={
             "/sys/fs/cgroup": {"bind": "/sys/fs/cgroup", "mode": "rw"},
             volume.name: {"bind": "/var/lib/docker", "mode": "rw"},
+            str(shared): {"bind": SHARED, "mode": "rw"},
         },
     )
 
@@ -438,12 +448,17 @@ def up(
     cpus=None,
     mem=None,
     link: str | None = None,
+    registry: bool = False,
+    slurm: int = 0,
 ) -> list[LabNode]:
     """Start `count` machines. `cpus` (cores) and `mem` (bytes or "6g") are lists with one
     value per machine, or one value (or a list of one) for all; None or "max": no limit.
-    `link` (a tc rate, 200mbit) caps each machine's link and the operator's."""
+    `link` (a tc rate, 200mbit) caps each machine's link and the operator's; `registry`
+    starts the lab's registry, `slurm` a Slurm cluster on that many machines."""
     if count < 1:
         raise LabError("the lab needs at least one node")
+    if not 0 <= slurm <= count:
+        raise LabError(f"--slurm {slurm}: the lab has {count} machines")
     client = client or _client()
     limits = machine_limits(count, cpus, mem, client.info())  # before anything changes
     if link:
@@ -455,7 +470,9 @@ def up(
     pubkey = _operator_key(lab_dir)
     client.networks.create(NETWORK, driver="bridge", labels={LABEL: "1"})
     try:
-        containers = [_start_node(client, i, pubkey) for i in range(1, count + 1)]
+        shared = lab_dir / "shared"
+        shared.mkdir()
+        containers = [_start_node(client, i, pubkey, shared) for i in range(1, count + 1)]
         nodes, keys = [], {}
         for index, (container, (cores, memory)) in enumerate(
             zip(containers, limits, strict=True), 1
@@ -472,10 +489,57 @@ def up(
         write_compose_override(lab_dir, _cpu_hierarchy(client, containers[0]))
         if link:
             shape_links(client, link)
+        if registry:
+            start_registry(lab_dir, client)
+        if slurm:
+            start_slurm(slurm, client)
         return nodes
     except BaseException:
         down(client, lab_dir)
         raise
+
+
+def machines(client) -> list:
+    """The running lab's machines, lab1 first."""
+    found = client.containers.list(filters={"label": LABEL, "name": f"{PREFIX}-"})
+    machines = [c for c in found if c.name[len(PREFIX) + 1 :].isdigit()]
+    return sorted(machines, key=lambda c: int(c.name[len(PREFIX) + 1 :]))
+
+
+def start_registry(lab_dir: Path, client=None) -> labregistry.LabRegistry:
+    """The lab's registry on the operator, trusted by every lab machine's engine."""
+    client = client or _client()
+    try:
+        return labregistry.start(
+            client, lab_dir, machines(client), image=IMAGE, network=NETWORK, prefix=PREFIX,
+            label=LABEL,
+        )  # fmt: skip
+    except labregistry.RegistryError as exc:
+        raise LabError(str(exc)) from None
+
+
+def find_registry(lab_dir: Path, client=None) -> labregistry.LabRegistry:
+    try:
+        return labregistry.find(client or _client(), lab_dir, PREFIX, NETWORK)
+    except labregistry.RegistryError as exc:
+        raise LabError(str(exc)) from None
+
+
+def start_slurm(count: int, client=None) -> labslurm.SlurmNode:
+    """slurmctld on lab1, slurmd on lab1..lab<count>; returns the controller."""
+    client = client or _client()
+    found = machines(client)[:count]
+    if len(found) < count:
+        raise LabError(f"slurm on {count} machines: the lab has {len(found)}")
+    nodes = []
+    for container in found:
+        container.reload()
+        ip = container.attrs["NetworkSettings"]["Networks"][NETWORK]["IPAddress"]
+        nodes.append(labslurm.SlurmNode(container.attrs["Config"]["Hostname"], ip, container))
+    try:
+        return labslurm.start(nodes)
+    except labslurm.SlurmError as exc:
+        raise LabError(str(exc)) from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -491,6 +555,12 @@ def main(argv: list[str] | None = None) -> int:
         "--mem", help='memory per machine, e.g. "6g 4g 2g", or one for all (max: none)'
     )
     p_up.add_argument("--link", help="each machine's link rate, e.g. 200mbit (tc tbf)")
+    p_up.add_argument("--registry", action="store_true", help="start the lab's registry too")
+    p_up.add_argument("--slurm", type=int, default=0, metavar="N",
+                      help="a Slurm cluster on the first N machines")  # fmt: skip
+    sub.add_parser("registry", help="start the lab's registry on a running lab")
+    p_slurm = sub.add_parser("slurm", help="start Slurm on a running lab's first N machines")
+    p_slurm.add_argument("--nodes", type=int, default=2)
     sub.add_parser("down", help="remove everything the lab made")
     parser.add_argument("--dir", type=Path, default=ROOT / ".lab")
     args = parser.parse_args(argv)
@@ -498,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.cmd == "up":
             nodes = up(
                 args.nodes, args.dir.resolve(), args.base_image, None, args.cpus, args.mem,
-                args.link,
+                args.link, args.registry, args.slurm,
             )  # fmt: skip
             for node in nodes:
                 limits = [f"{node.cpus:g} cpus"] if node.cpus else []
@@ -508,6 +578,15 @@ def main(argv: list[str] | None = None) -> int:
             if args.link:
                 print(f"lab: every link capped at {args.link} (the operator's too)")
             print(f"lab: ssh config in {args.dir / 'ssh_config'}")
+            if args.registry:
+                _say_registry(find_registry(args.dir.resolve()))
+            if args.slurm:
+                _say_slurm(args.slurm)
+        elif args.cmd == "registry":
+            _say_registry(start_registry(args.dir.resolve()))
+        elif args.cmd == "slurm":
+            start_slurm(args.nodes)
+            _say_slurm(args.nodes)
         else:
             removed = down(lab_dir=args.dir.resolve())
             print(f"lab: removed {len(removed)} objects")
@@ -515,6 +594,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"lab: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def _say_registry(registry: labregistry.LabRegistry) -> None:
+    push = f"deepfleet push-image {registry.address} --cert-dir {registry.trust_dir}"
+    print(f"lab: registry at {registry.address}, trusted by every lab machine; push with `{push}`")
+
+
+def _say_slurm(count: int) -> None:
+    names = ", ".join(f"lab{i}" for i in range(1, count + 1))
+    print(f"lab: Slurm controller on lab1, nodes {names}; submit there: `ssh -F .lab/ssh_config"
+          f" lab1 sbatch --wait {SHARED}/job.sbatch`")  # fmt: skip
 
 
 if __name__ == "__main__":
