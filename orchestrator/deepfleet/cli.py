@@ -7,6 +7,7 @@ import json
 import os
 import signal
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 from . import (
@@ -22,6 +23,7 @@ from . import (
     relay,
     reports,
     serveplan,
+    slurm,
     status,
     trainplan,
 )
@@ -111,6 +113,16 @@ def cmd_down(args) -> int:
 
 
 def _train_request(args) -> jobs.TrainRequest:
+    return replace(
+        _train_job(args),
+        bridge=args.bridge,
+        slots=_slots(args.slots),
+        options=_run_options(args),
+    )
+
+
+def _train_job(args) -> jobs.TrainRequest:
+    """The job's own settings (_add_train_job's), whoever runs it."""
     return jobs.TrainRequest(
         model=args.model,
         data=args.data,
@@ -126,10 +138,7 @@ def _train_request(args) -> jobs.TrainRequest:
         epochs=args.epochs,
         global_batch=args.global_batch,
         balance=args.balance,
-        bridge=args.bridge,
-        slots=_slots(args.slots),
         extra=args.extra,
-        options=_run_options(args),
     )
 
 
@@ -180,6 +189,29 @@ def _add_balance(p) -> None:
         "--balance", default="speed", choices=trainplan.BALANCES,
         help="speed: each rank's micro-batch follows its measured speed (default); even",
     )  # fmt: skip
+
+
+def _add_train_job(tr: argparse.ArgumentParser) -> None:
+    """The training job itself: what `train` runs and `export slurm` writes."""
+    tr.add_argument("--model", default=jobs.DEMO, help="demo, a local dir, or a hub name")
+    tr.add_argument("--data", default=jobs.DEMO, help="demo, or a local .txt/.jsonl file or dir")
+    tr.add_argument(
+        "--config", default="zero2",
+        help="zero1|zero2|zero3|zero3-offload, auto (the cheapest that fits), or a path",
+    )  # fmt: skip
+    tr.add_argument("--run", default="demo", help="run name: checkpoints/<run> on every node")
+    tr.add_argument("--steps", type=int, default=60)
+    tr.add_argument("--epochs", type=float, default=None, help="instead of --steps")
+    tr.add_argument("--global-batch", type=int, default=None, help="sets gradient accumulation")
+    tr.add_argument("--seq-len", type=int, default=64)
+    tr.add_argument("--micro-batch", type=int, default=4)
+    tr.add_argument("--lr", type=float, default=3e-3)
+    tr.add_argument(
+        "--log-every", type=int, default=0, help="a progress line every N steps (0: about 6 a run)"
+    )
+    tr.add_argument("--save-every", type=int, default=0)
+    tr.add_argument("--resume", action="store_true")
+    _add_balance(tr)
 
 
 def cmd_plan(args) -> int:
@@ -480,6 +512,37 @@ def cmd_build(args) -> int:
     return 0
 
 
+def _env_pairs(values: list[str]) -> dict[str, str]:
+    found = {}
+    for value in values:
+        name, sep, text = value.partition("=")
+        if not sep:
+            raise DeepfleetError(f"--env {value}: give NAME=VALUE")
+        found[name] = text
+    return found
+
+
+def cmd_export_slurm(args) -> int:
+    req = slurm.SlurmRequest(
+        train=_train_job(args),
+        nodes=args.nodes,
+        gpus_per_node=args.gpus_per_node,
+        cpu_slots=args.cpu_slots,
+        flavor=args.flavor or "",
+        runtime=args.runtime,
+        image=args.image or "",
+        workdir=args.workdir,
+        partition=args.partition or "",
+        time_limit=args.time or "",
+        account=args.account or "",
+        sbatch=tuple(args.sbatch),
+        env=_env_pairs(args.env),
+        compose_overrides=tuple(Path(f) for f in args.compose_override),
+    )
+    sys.stdout.write(slurm.render(req))
+    return 0
+
+
 def cmd_push_image(args) -> int:
     import docker
 
@@ -558,16 +621,7 @@ def parser() -> argparse.ArgumentParser:
     dn.set_defaults(func=cmd_down)
 
     tr = sub.add_parser("train", help="train with the DeepSpeed launcher on the cluster")
-    tr.add_argument("--model", default=jobs.DEMO, help="demo, a local dir, or a hub name")
-    tr.add_argument("--data", default=jobs.DEMO, help="demo, or a local .txt/.jsonl file or dir")
-    tr.add_argument(
-        "--config", default="zero2",
-        help="zero1|zero2|zero3|zero3-offload, auto (the cheapest that fits), or a path",
-    )  # fmt: skip
-    tr.add_argument("--run", default="demo", help="run name: checkpoints/<run> on every node")
-    tr.add_argument("--steps", type=int, default=60)
-    tr.add_argument("--epochs", type=float, default=None, help="instead of --steps")
-    tr.add_argument("--global-batch", type=int, default=None, help="sets gradient accumulation")
+    _add_train_job(tr)
     tr.add_argument(
         "--slots",
         action="append",
@@ -575,15 +629,6 @@ def parser() -> argparse.ArgumentParser:
         metavar="NODE=N",
         help="processes on a node for this job (default: its GPUs, or --cpu-slots)",
     )
-    tr.add_argument("--seq-len", type=int, default=64)
-    tr.add_argument("--micro-batch", type=int, default=4)
-    tr.add_argument("--lr", type=float, default=3e-3)
-    tr.add_argument(
-        "--log-every", type=int, default=0, help="a progress line every N steps (0: about 6 a run)"
-    )
-    tr.add_argument("--save-every", type=int, default=0)
-    tr.add_argument("--resume", action="store_true")
-    _add_balance(tr)
     tr.add_argument(
         "--bridge", action="store_true",
         help="one job over every machine's accelerator (NVIDIA, AMD, CPU), gradients over gloo",
@@ -720,6 +765,54 @@ def parser() -> argparse.ArgumentParser:
     ph.add_argument("--cert-dir", help="the registry's CA certificate(s), for a private CA")
     ph.add_argument("--no-tls-verify", action="store_true", help="a plain-HTTP registry")
     ph.set_defaults(func=cmd_push_image)
+
+    xp = sub.add_parser("export", help="the same job for another scheduler")
+    xsub = xp.add_subparsers(dest="target", required=True)
+    xs = xsub.add_parser(
+        "slurm", help="a training job as an sbatch script: deepfleet export slurm > job.sbatch"
+    )
+    xs.add_argument("--nodes", type=int, default=2, help="nodes to allocate (default 2)")
+    xs.add_argument(
+        "--gpus-per-node", type=int, default=0, metavar="G",
+        help="ranks per node, one per GPU (default 0: CPU ranks, --cpu-slots of them)",
+    )  # fmt: skip
+    xs.add_argument("--cpu-slots", type=int, default=1, help="CPU ranks per node (default 1)")
+    xs.add_argument(
+        "--flavor", choices=slurm.FLAVORS, default=None,
+        help="node image flavor (default: cuda with --gpus-per-node, else cpu)",
+    )  # fmt: skip
+    xs.add_argument(
+        "--runtime", choices=tuple(slurm.RUNTIMES), default="docker",
+        help="how the nodes run containers: docker, apptainer, or enroot (through pyxis)",
+    )  # fmt: skip
+    xs.add_argument(
+        "--image", default=None,
+        help="default deepfleet/<flavor>:latest; a REGISTRY/REPO@sha256:... the nodes pull, "
+        "or a .sif file for apptainer",
+    )  # fmt: skip
+    xs.add_argument(
+        "--workdir", default=slurm.SlurmRequest.workdir,
+        help="the job's /workspace, on the cluster's shared filesystem "
+        "(default $SLURM_SUBMIT_DIR/deepfleet; $DEEPFLEET_WORKDIR at submit time wins)",
+    )  # fmt: skip
+    xs.add_argument("--partition", default=None)
+    xs.add_argument("--time", default=None, help="the job's time limit (sbatch --time)")
+    xs.add_argument("--account", default=None)
+    xs.add_argument(
+        "--sbatch", action="append", default=[], metavar="OPTION",
+        help="another #SBATCH line, e.g. --sbatch=--qos=high",
+    )  # fmt: skip
+    xs.add_argument(
+        "--env", action="append", default=[], metavar="NAME=VALUE",
+        help="set for every rank (never put tokens here: the script is a file)",
+    )  # fmt: skip
+    xs.add_argument(
+        "--compose-override", action="append", default=[], metavar="FILE",
+        help="as up's: the node service's environment, limits and mounts",
+    )  # fmt: skip
+    _add_train_job(xs)
+    xs.add_argument("extra", nargs="*", help="passed to train.py after --")
+    xs.set_defaults(func=cmd_export_slurm)
     return p
 
 

@@ -42,14 +42,18 @@ class RunOptions:
     verbose: bool = False  # the libraries' chatter on the terminal too, not only in the logs
 
 
-def launch_env(plan: ClusterPlan, options: RunOptions, job: str) -> dict[str, str]:
+def job_env(options: RunOptions, job: str) -> dict[str, str]:
+    """A job's own settings for its ranks, over the plan's (see slurm.py too)."""
     return {
-        **plan.env,
         "HF_HUB_OFFLINE": "1",
         PG_TIMEOUT_ENV: f"{options.collective_timeout:.0f}",
         HEARTBEAT_ENV: HEARTBEAT_DIR,
         **joblogs.launch_env(job),
     }
+
+
+def launch_env(plan: ClusterPlan, options: RunOptions, job: str) -> dict[str, str]:
+    return {**plan.env, **job_env(options, job)}
 
 
 def write_launch_files(session: Session, plan: ClusterPlan, options: RunOptions, job: str) -> None:

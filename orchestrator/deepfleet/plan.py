@@ -20,6 +20,7 @@ MASTER_PORT = 29500
 WORKDIR = "/workspace"
 RUN_DIR = "/workspace/.deepfleet"
 HF_HOME = "/workspace/hf-cache"  # every node container's Hugging Face cache
+TORCH_EXTENSIONS_DIR = "/opt/deepfleet/torch_extensions"  # DeepSpeed's ops, built in the image
 HOSTFILE = f"{RUN_DIR}/hostfile"
 COMPARED_VERSIONS = ("python", "torch", "deepspeed", "transformers")
 MIXED = "mixed"  # a world of several accelerators: gloo between them, each rank its device
@@ -261,6 +262,16 @@ def choose_group(
     return groups[chosen], left, chosen
 
 
+def rank_env(dist_backend: str) -> dict[str, str]:
+    """What every rank of a job reads, wherever it is launched (LAN or Slurm)."""
+    return {
+        "PYTHONUNBUFFERED": "1",
+        "DEEPFLEET_BACKEND": dist_backend,
+        "TORCH_EXTENSIONS_DIR": TORCH_EXTENSIONS_DIR,
+        "HF_HOME": HF_HOME,
+    }
+
+
 def plan_cluster(
     inventory: Inventory,
     reports: Mapping[str, NodeReport],
@@ -326,14 +337,7 @@ def plan_cluster(
         # core per process) oversubscribes as soon as a node runs two ranks
         share = min(reports[n.name].cpu_count // n.slots for n in cpu_nodes)
         threads = {"OMP_NUM_THREADS": str(max(1, share))}
-    env = {
-        **threads,
-        "PYTHONUNBUFFERED": "1",
-        "DEEPFLEET_BACKEND": dist_backend,
-        "TORCH_EXTENSIONS_DIR": "/opt/deepfleet/torch_extensions",
-        "HF_HOME": HF_HOME,
-        **(extra_env or {}),
-    }
+    env = {**threads, **rank_env(dist_backend), **(extra_env or {})}
     return ClusterPlan(
         nodes=tuple(nodes),
         master_addr=nodes[0].address,

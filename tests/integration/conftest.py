@@ -47,14 +47,13 @@ def cluster(lab, tmp_path_factory) -> Cluster:
         "services:\n  node:\n    environment:\n"
         + "".join(f"      {k}: {json.dumps(v)}\n" for k, v in NODE_ENV.items())
     )
-    result = c.run(
-        "up",
+    c.up_args = (
         "--ssh-config", str(lab.ssh_config),
         "--compose-override", str(lab.override),
         "--compose-override", str(node_env),
         *(n.name for n in lab.nodes),
-        timeout=1800,
     )  # fmt: skip
+    result = c.run("up", *c.up_args, timeout=1800)
     c.up_output = result.stdout
     yield c
     if state_dir.exists():

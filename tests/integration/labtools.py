@@ -47,6 +47,7 @@ class Cluster:
     lab: Lab
     state_dir: Path
     up_output: str
+    up_args: tuple[str, ...] = ()  # what the session cluster was brought up with
 
     def env(self) -> dict:
         return {**os.environ, "DEEPFLEET_STATE_DIR": str(self.state_dir)}
@@ -80,6 +81,17 @@ class Cluster:
             timeout=600,
         )
         return result.returncode, result.stdout + result.stderr
+
+    def machine_docker(self, index: int, *argv: str, check=True) -> str:
+        """`docker ARGV` on lab machine `index`'s own engine."""
+        result = subprocess.run(
+            ["docker", "exec", self.lab.nodes[index].container, "docker", *argv],
+            capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        if check and result.returncode != 0:
+            raise AssertionError(f"docker {' '.join(argv)} on {self.lab.nodes[index].name}: "
+                                 f"{result.stderr.strip()}")  # fmt: skip
+        return result.stdout
 
 
 def lab_index(node) -> int:
