@@ -37,8 +37,8 @@ PROMPT ?= The lighthouse keeper
 .PHONY: setup docker venv images lab-up lab-down up status train infer serve logs shell down \
         doctor \
         fetch-model \
-        demo test bench \
-        test-unit test-node test-integration lint fmt clean
+        demo test bench push-image \
+        test-unit test-slow test-node test-integration lint fmt clean
 
 setup: docker venv
 
@@ -56,10 +56,12 @@ images: setup
 
 # LAB_CPUS="0.9 0.5 0.3" LAB_MEM="6g 4g 2g": each machine's CPU quota and memory limit
 # LAB_LINK=200mbit: each machine's link (and the operator's) capped, as on a real LAN
+# LAB_REGISTRY=1: the lab's registry on this machine; LAB_SLURM=2: Slurm on lab1, lab2
 lab-up: setup
 	$(VENV)/bin/python docker/lab.py up --nodes $(LAB_NODES) --base-image $(BASE_IMAGE) \
 	  $(if $(LAB_CPUS),--cpus "$(LAB_CPUS)") $(if $(LAB_MEM),--mem "$(LAB_MEM)") \
-	  $(if $(LAB_LINK),--link "$(LAB_LINK)")
+	  $(if $(LAB_LINK),--link "$(LAB_LINK)") $(if $(filter 1,$(LAB_REGISTRY)),--registry) \
+	  $(if $(LAB_SLURM),--slurm $(LAB_SLURM))
 
 lab-down: venv
 	$(VENV)/bin/python docker/lab.py down
@@ -99,6 +101,10 @@ fetch-model: venv
 bench: setup
 	scripts/bench.sh
 
+# REGISTRY=host:port [CERT_DIR=dir-with-ca.crt] [FLAVOR=cuda]: push, record the digest
+push-image: venv
+	$(DF) push-image $(REGISTRY) --flavor $(FLAVOR) $(if $(CERT_DIR),--cert-dir $(CERT_DIR))
+
 demo: setup
 	@scripts/demo.sh
 
@@ -107,6 +113,11 @@ test: setup
 
 test-unit: venv
 	$(VENV)/bin/pytest -q tests/unit
+
+# The cases `make test` leaves out to stay in CI's time (marker slow: the node image moved
+# whole between the lab's machines again, e.g. pulled from the lab registry by all three)
+test-slow: images
+	$(VENV)/bin/pytest -q -m slow tests/integration
 
 # The node image's tests inside deepfleet/$(FLAVOR) (builds it first): make test-node FLAVOR=cuda
 test-node: images

@@ -359,7 +359,7 @@ def _put_images(state: ClusterState, clients: dict, opts: UpOptions, out) -> Non
             use_relay=opts.use_relay,
             port=opts.relay_port,
         )
-        if plan.chains or plan.notes:
+        if plan.chains or plan.pull or plan.notes:  # what moves: one line each
             _log(out, plan.describe())
         board = progress.Board(out)
         try:
