@@ -13,20 +13,20 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import progress
+from . import flavors, progress
 from .errors import ImageError
 from .manifest import images_dir, read_manifest, torch_index
 from .state import default_dir
 
-FLAVORS = ("cpu", "cuda", "rocm")
+FLAVORS = flavors.NAMES
 # BASE_IMAGE=local makes this Debian base with debootstrap where no registry is reachable.
 # The cpu image and the cuda image (whose toolkit then comes from NVIDIA's wheels) can use
 # it. ROCm's compiler ships in no wheel, so for rocm "local" means the public base its
 # Dockerfile names from the manifest.
 LOCAL_BASE = "deepfleet/base:bookworm"
-LOCAL_BASE_FLAVORS = ("cpu", "cuda")
+LOCAL_BASE_FLAVORS = tuple(f.name for f in flavors.FLAVORS.values() if f.local_base)
 # The local version label of the torch wheels built for each flavor (torch-X+cu126-...).
-TORCH_LABELS = {"cpu": "cpu", "cuda": "cu", "rocm": "rocm"}
+TORCH_LABELS = {f.name: f.torch_label for f in flavors.FLAVORS.values()}
 DEFAULT_CA_DIR = Path("/usr/local/share/ca-certificates")
 
 
@@ -34,7 +34,7 @@ RELAY_TAG = "deepfleet/relay:latest"  # the image relay (relay.py)
 
 
 def image_tag(flavor: str) -> str:
-    return f"deepfleet/{flavor}:latest"
+    return flavors.get(flavor).image
 
 
 @dataclass(frozen=True)

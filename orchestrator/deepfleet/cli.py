@@ -14,6 +14,7 @@ from . import (
     cluster,
     clusterfile,
     doctor,
+    flavors,
     joblogs,
     jobrun,
     jobs,
@@ -69,6 +70,17 @@ def _given(flag, from_file, default):
 
 
 def cmd_up(args) -> int:
+    inventory, opts = up_request(args)
+    if args.dry_run:
+        plan = cluster.dry_run(inventory, opts, out=sys.stderr if args.json else sys.stdout)
+        print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.describe())
+        return 0
+    cluster.up(inventory, StateStore(args.state_dir), opts)
+    return cmd_status(args)
+
+
+def up_request(args) -> tuple[Inventory, cluster.UpOptions]:
+    """The machines and options `up` was given, from NODES and flags or a cluster file."""
     inventory, cf = _inventory(args)
     opts = cluster.UpOptions(
         image=args.image or (cf and cf.image),
@@ -84,11 +96,7 @@ def cmd_up(args) -> int:
         use_relay=args.use_relay,
         relay_port=_given(args.relay_port, cf and cf.relay_port, relay.RELAY_PORT),
     )
-    if args.dry_run:
-        print(cluster.dry_run(inventory, opts))
-        return 0
-    cluster.up(inventory, StateStore(args.state_dir), opts)
-    return cmd_status(args)
+    return inventory, opts
 
 
 def cmd_status(args) -> int:
@@ -553,7 +561,7 @@ def cmd_push_image(args) -> int:
     local = docker.from_env(timeout=600)
     try:
         for flavor in args.flavor or ["cpu"]:
-            source = f"deepfleet/{flavor}:latest"
+            source = flavors.get(flavor).image
             print(f"deepfleet: pushing {source} to {args.registry} (skopeo)", flush=True)
             entry = registry.push(
                 local, source, args.registry, flavor, manifest,
@@ -591,9 +599,7 @@ def parser() -> argparse.ArgumentParser:
         help="node image (default deepfleet/<flavor>:latest); REGISTRY/REPO@sha256:... to pull "
         "by digest; 'published': the newest pushed image of images/versions.env",
     )
-    up.add_argument(
-        "--flavor", default=None, choices=("cpu", "cuda", "rocm"), help="default: per machine"
-    )
+    up.add_argument("--flavor", default=None, choices=flavors.NAMES, help="default: per machine")
     up.add_argument("--compose-override", action="append", default=[], metavar="FILE")
     up.add_argument(
         "--cpu-slots", type=int, default=None, help="processes per CPU-only node (default 1)"
@@ -609,8 +615,15 @@ def parser() -> argparse.ArgumentParser:
         help=f"the port each machine listens on for the image from the one before it "
         f"(default {relay.RELAY_PORT})",
     )  # fmt: skip
-    up.add_argument("--dry-run", action="store_true", help="print the container specs only")
-    up.set_defaults(func=cmd_up, json=False)
+    up.add_argument(
+        "--dry-run", action="store_true",
+        help="probe the machines and print what up would do on each (its exact container "
+        "request), changing nothing",
+    )  # fmt: skip
+    up.add_argument(
+        "--json", action="store_true", help="as JSON: the plan with --dry-run, else the status"
+    )
+    up.set_defaults(func=cmd_up)
 
     st = sub.add_parser("status", help="nodes, containers, GPUs and versions")
     st.add_argument("--json", action="store_true")
@@ -742,7 +755,7 @@ def parser() -> argparse.ArgumentParser:
     it.set_defaults(func=cmd_init)
 
     bd = sub.add_parser("build-image", help="build a node image from images/")
-    bd.add_argument("--flavor", default="cpu", choices=("cpu", "cuda", "rocm"))
+    bd.add_argument("--flavor", default="cpu", choices=flavors.NAMES)
     bd.add_argument(
         "--base-image",
         default="local",
@@ -759,9 +772,7 @@ def parser() -> argparse.ArgumentParser:
         "push-image", help="push the node images to a registry and record their digests"
     )
     ph.add_argument("registry", help="host[:port] of the registry")
-    ph.add_argument(
-        "--flavor", action="append", choices=("cpu", "cuda", "rocm"), help="default: cpu"
-    )
+    ph.add_argument("--flavor", action="append", choices=flavors.NAMES, help="default: cpu")
     ph.add_argument("--cert-dir", help="the registry's CA certificate(s), for a private CA")
     ph.add_argument("--no-tls-verify", action="store_true", help="a plain-HTTP registry")
     ph.set_defaults(func=cmd_push_image)

@@ -19,6 +19,7 @@ from . import (
     compose,
     containers,
     fanout,
+    flavors,
     hostfile,
     hostprobe,
     images,
@@ -28,17 +29,15 @@ from . import (
     relay,
     reports,
     transfer,
+    upplan,
 )
 from .connect import by_outcome, connect, fan_out, run_host
 from .errors import ContainerError, DeepfleetError, PlanError
 from .inventory import Inventory, NodeSpec
+from .layout import CLUSTER_KEY, CONTAINER_NAME, RUN_DIR, SSH_DIR
 from .manifest import read_manifest
-from .plan import RUN_DIR, ClusterPlan, left_out_lines, plan_cluster
+from .plan import ClusterPlan, left_out_lines, plan_cluster
 from .state import ClusterState, NodeState, StateStore
-
-CONTAINER_NAME = "deepfleet-node"
-SSH_DIR = "/root/.ssh"
-CLUSTER_KEY = f"{SSH_DIR}/deepfleet_cluster"
 
 
 class ClusterErrors(DeepfleetError):
@@ -75,7 +74,7 @@ class UpOptions:
 def image_for(flavor: str, opts: UpOptions) -> str:
     if opts.image == published.PUBLISHED:  # the newest pushed image of this manifest
         return published.newest(flavor, read_manifest())["ref"]
-    return opts.image or f"deepfleet/{flavor}:latest"
+    return opts.image or flavors.get(flavor).image
 
 
 def container_spec(node: NodeSpec, flavor: str, cluster: str, pubkey: str, opts: UpOptions):
@@ -92,22 +91,21 @@ def container_spec(node: NodeSpec, flavor: str, cluster: str, pubkey: str, opts:
     return compose.node_spec(flavor, env, opts.compose_overrides)
 
 
-def dry_run(inventory: Inventory, opts: UpOptions) -> str:
-    lines = []
-    for node in inventory.nodes:
-        flavor = node.flavor or opts.default_flavor or "cpu"
-        spec = container_spec(node, flavor, "<new>", "<cluster key>", opts)
-        lines.append(f"{node.name}: {node.docker_url} image={spec.image}")
-        lines.append(f"  container {spec.name}: network={spec.network_mode} ipc={spec.ipc_mode}")
-        for m in spec.mounts:
-            lines.append(f"  {m.kind} {m.source} -> {m.target}")
-        for name, soft, hard in spec.ulimits:
-            lines.append(f"  ulimit {name}={soft}:{hard}")
-        for r in spec.device_requests:
-            lines.append(f"  gpus via {r.driver} count={'all' if r.count < 0 else r.count}")
-        for d in spec.devices:
-            lines.append(f"  device {d}")
-    return "\n".join(lines)
+def dry_run(inventory: Inventory, opts: UpOptions, out=sys.stdout) -> upplan.UpPlan:
+    """The plan `up` would execute on these machines, after probing them (what each has,
+    which image it holds); nothing is changed anywhere."""
+    state = ClusterState(
+        cluster=upplan.NEW_CLUSTER, image=opts.image or "",
+        nodes=[NodeState(spec=n, flavor="") for n in inventory.nodes],
+        ssh_config=inventory.ssh_config,
+    )  # fmt: skip
+    clients, errors = fan_out(inventory.nodes, lambda n: connect(n, opts.timeout), lambda n: n.name)
+    try:
+        _raise_if(errors)
+        return plan_up(state, clients, opts, upplan.NEW_KEY, out)
+    finally:
+        for client in clients.values():
+            client.close()
 
 
 class Session:
@@ -282,9 +280,9 @@ def up(inventory: Inventory, store: StateStore, opts: UpOptions, out=sys.stdout)
             inventory.nodes, lambda n: connect(n, opts.timeout), lambda n: n.name
         )
         _raise_if(errors)
-        _choose_flavors(state, clients, opts, out)
-        _put_images(state, clients, opts, out)
-        _start_containers(state, clients, key.public_openssh, opts, store, out)
+        up_plan = plan_up(state, clients, opts, key.public_openssh, out)
+        _put_images(up_plan.images, state, clients, opts, out)
+        _start_containers(up_plan, state, clients, store, out)
         plan = _collect_reports(state, clients, store)
         _wire_ssh(state, clients, plan, key)
         store.save(state)
@@ -340,16 +338,19 @@ def _local_labels(ref: str) -> dict[str, str]:
         local.close()
 
 
-def _put_images(state: ClusterState, clients: dict, opts: UpOptions, out) -> None:
+def plan_up(state: ClusterState, clients: dict, opts: UpOptions, pubkey: str, out):
+    """Probe the machines (devices, the images they hold: reads only) and decide what each
+    gets: upplan's plan, which `up` executes and `--dry-run` prints."""
+    _choose_flavors(state, clients, opts, out)
+    refs = {n.spec.name: image_for(n.flavor, opts) for n in state.nodes}
+    have, errors = fan_out(
+        state.nodes, lambda n: images.node_image_id(clients[n.spec.name], refs[n.spec.name]),
+        lambda n: n.spec.name,
+    )  # fmt: skip
+    _raise_if(errors)
     local = docker.from_env(timeout=600)
     try:
-        refs = {n.spec.name: image_for(n.flavor, opts) for n in state.nodes}
-        have, errors = fan_out(
-            state.nodes, lambda n: images.node_image_id(clients[n.spec.name], refs[n.spec.name]),
-            lambda n: n.spec.name,
-        )  # fmt: skip
-        _raise_if(errors)
-        plan = fanout.plan_images(
+        image_plan = fanout.plan_images(
             refs,
             {ref: images.local_image_id(local, ref) for ref in set(refs.values())},
             have,
@@ -359,6 +360,19 @@ def _put_images(state: ClusterState, clients: dict, opts: UpOptions, out) -> Non
             use_relay=opts.use_relay,
             port=opts.relay_port,
         )
+    finally:
+        local.close()
+    specs = {
+        n.spec.name: container_spec(n.spec, n.flavor, state.cluster, pubkey, opts)
+        for n in state.nodes
+    }
+    flavors = {n.spec.name: n.flavor for n in state.nodes}
+    return upplan.plan_up(state.inventory.nodes, flavors, specs, image_plan, state.cluster)
+
+
+def _put_images(plan: fanout.ImagePlan, state: ClusterState, clients: dict, opts, out) -> None:
+    local = docker.from_env(timeout=600)
+    try:
         if plan.chains or plan.pull or plan.notes:  # what moves: one line each
             _log(out, plan.describe())
         board = progress.Board(out)
@@ -382,10 +396,10 @@ def _put_images(state: ClusterState, clients: dict, opts: UpOptions, out) -> Non
         local.close()
 
 
-def _start_containers(state, clients, pubkey, opts, store, out) -> None:
+def _start_containers(plan: upplan.UpPlan, state, clients, store, out) -> None:
     def start(node: NodeState):
         client = clients[node.spec.name]
-        spec = container_spec(node.spec, node.flavor, state.cluster, pubkey, opts)
+        spec = plan.machine(node.spec.name).container
         if "@" in spec.image and node.image_id:
             # a digest reference exists only where it was pulled; a machine that took the
             # stream instead holds the same image ID under this machine's name for it

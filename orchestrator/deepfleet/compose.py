@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 
+from . import flavors
 from .errors import ContainerError
 
 SERVICE = "node"
@@ -329,12 +330,9 @@ def to_spec(service: dict, volume_names: dict[str, str]) -> ContainerSpec:
     )
 
 
-OVERLAYS = {"cpu": (), "cuda": ("node.nvidia.yml",), "rocm": ("node.amd.yml",)}
-
-
 def files_for(flavor: str, overrides: list[Path] | tuple[Path, ...] = ()) -> list[Path]:
     base = compose_dir()
-    return [base / "node.yml", *(base / f for f in OVERLAYS[flavor]), *overrides]
+    return [base / "node.yml", *(base / f for f in flavors.get(flavor).overlays), *overrides]
 
 
 def node_spec(flavor: str, env: Mapping[str, str], overrides=()) -> ContainerSpec:

@@ -15,14 +15,15 @@ from dataclasses import dataclass
 
 from docker.errors import DockerException
 
-from . import hostprobe, images, preflight
+from . import flavors, hostprobe, images, preflight
 from .cluster import open_session
 from .connect import PinnedSSHAdapter, connect, fan_out, first_line, run_host
 from .errors import DeepfleetError
 from .inventory import NodeSpec
+from .layout import MASTER_PORT, SSH_PORT
 from .plan import ClusterPlan
 
-PORTS = (2222, 29500)
+PORTS = (SSH_PORT, MASTER_PORT)
 GIB = 1024**3
 # Under this much room the engine's own writes (containers, logs, checkpoints in volumes)
 # fail soon after, even when the image fits.
@@ -335,7 +336,10 @@ def clock_verdict(node: str, skew: float, bound: float) -> tuple[str, str, str]:
 
 
 def ports_fix(node: str, busy: list[int]) -> str:
-    what = {2222: "an sshd, or another cluster's node container", 29500: "a job left behind"}
+    what = {
+        SSH_PORT: "an sshd, or another cluster's node container",
+        MASTER_PORT: "a job left behind",
+    }
     held = "; ".join(f"{p}: {what.get(p, 'another program')}" for p in busy)
     query = " or ".join(f"sport = :{p}" for p in busy)
     return (
@@ -619,7 +623,7 @@ def check_node(node: NodeSpec, local, image: str | None, cluster_up: bool, timeo
         if facts.nvidia_driver:
             gpus += f", driver {facts.nvidia_driver}"
         add("gpus", "ok", f"{gpus}; flavor {flavor}")
-        ref = image or f"deepfleet/{flavor}:latest"
+        ref = image or flavors.get(flavor).image
         labels = images.local_labels(local, ref)
         for problem in hostprobe.problems(facts, flavor, ref, labels.get(images.CUDA_LABEL)):
             add("gpu passthrough", "FAIL", problem, passthrough_fix(problem, node.name))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
-from .compat import host_driver_problem
+from . import flavors
 from .errors import ContainerError
 
 # POSIX sh, read-only, no sudo: device nodes and tools on the host.
@@ -84,40 +84,14 @@ def parse_probe(text: str, info: dict) -> HostFacts:
 
 def choose_flavor(facts: HostFacts, override: str | None = None) -> str:
     """The image flavor for a machine: the user's choice, else what its devices say."""
-    if override:
-        return override
-    if facts.nvidia_gpus:
-        return "cuda"
-    if facts.has_amd:
-        return "rocm"
-    return "cpu"
+    return override or flavors.for_machine(facts).name
 
 
 def problems(
     facts: HostFacts, flavor: str, image: str = "", image_cuda: str | None = None
 ) -> list[str]:
     """What stops a container of this flavor (and image) from using the machine's GPUs."""
-    found = []
-    if flavor == "cuda":
-        if not facts.nvidia_gpus:
-            found.append("flavor cuda asked for, but the machine shows no /dev/nvidia* GPU")
-        short = host_driver_problem(facts.nvidia_driver, image_cuda, image or "the image")
-        if short:
-            found.append(short)
-        if not facts.nvidia_toolkit:
-            found.append(
-                "NVIDIA GPUs need the NVIDIA container toolkit on the host "
-                "(install nvidia-container-toolkit, then `nvidia-ctk runtime configure "
-                "--runtime=docker` and restart docker)"
-            )
-    if flavor == "rocm":
-        if not facts.has_amd:
-            found.append("flavor rocm asked for, but the machine has no /dev/kfd (amdgpu driver)")
-        if not any(d.startswith("/dev/dri/renderD") for d in facts.devices):
-            found.append("no /dev/dri/renderD* render node: ROCm cannot reach the GPU")
-    if facts.arch and facts.arch not in ("x86_64", "amd64") and flavor != "cpu":
-        found.append(f"{flavor} images are built for x86_64, this machine is {facts.arch}")
-    return found
+    return flavors.get(flavor).problems(facts, image, image_cuda)
 
 
 def probe(client, node: str, run_host) -> HostFacts:

@@ -19,9 +19,9 @@ from deepfleet_node.joblog import DIR_ENV, JOB_ENV, log_path
 from .connect import first_line
 from .errors import DeepfleetError
 from .execstream import ExecStream
-from .plan import WORKDIR
+from .layout import LOGS
 
-LOGS_DIR = f"{WORKDIR}/logs"
+LOGS_DIR = LOGS
 CURRENT = f"{LOGS_DIR}/CURRENT"
 _JOB_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 _TAIL_HEADER = re.compile(r"^==> (?:.*/)?rank(\d+)\.log <==$")

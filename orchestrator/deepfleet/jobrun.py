@@ -14,10 +14,11 @@ import docker
 import requests
 
 from . import hostfile, joblogs, launch, preflight, transfer
-from .cluster import CLUSTER_KEY, SSH_DIR, Session
+from .cluster import Session
 from .connect import docker_cause
 from .errors import ContainerError, JobError, ignoring_interrupts
-from .plan import RUN_DIR, ClusterPlan, describe
+from .layout import CLUSTER_KEY, RUN_DIR, SSH_DIR
+from .plan import ClusterPlan, describe
 from .watchdog import (
     HEARTBEAT_DIR,
     LEASE,

@@ -21,7 +21,7 @@ from .connect import by_outcome, fan_out
 from .containers import exec_text
 from .errors import DeepfleetError, InputError
 from .jobrun import RunOptions, job_plan, ready_cluster, run_job
-from .plan import HF_HOME, RUN_DIR
+from .layout import CHECKPOINTS, DATA, HF_HOME, MODELS, RUN_DIR
 
 # Passed to the nodes' download step through the exec environment only: never in a file,
 # an image, the launcher's command line or its logs.
@@ -31,9 +31,6 @@ HUB_ENV = ("HF_ENDPOINT", "HF_HUB_OFFLINE", "HF_HUB_ENABLE_HF_TRANSFER")
 # What a model needs from its hub repo (transformers 5 keeps chat templates in .jinja).
 HUB_FILES = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py", "*.jinja", "tokenizer*"]
 
-MODELS = "/workspace/models"
-DATA = "/workspace/data"
-CHECKPOINTS = "/workspace/checkpoints"
 DEMO_MODEL = f"{MODELS}/demo-tiny"
 DEMO_DATA = f"{DATA}/demo"
 DEMO = "demo"

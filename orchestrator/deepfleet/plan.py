@@ -10,21 +10,27 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+from . import flavors
 from .compat import drivable_gpus, effective_accelerator, gpu_problems, usable_gpus
 from .errors import PlanError
 from .inventory import Inventory
+from .layout import (  # noqa: F401  (plan's names for them, still imported from here)
+    CLUSTER_KEY,
+    HF_HOME,
+    HOSTFILE,
+    MASTER_PORT,
+    RUN_DIR,
+    SSH_DIR,
+    SSH_PORT,
+    TORCH_EXTENSIONS_DIR,
+    WORKDIR,
+)
 from .reports import NodeReport
 
-SSH_PORT = 2222
-MASTER_PORT = 29500
-WORKDIR = "/workspace"
-RUN_DIR = "/workspace/.deepfleet"
-HF_HOME = "/workspace/hf-cache"  # every node container's Hugging Face cache
-TORCH_EXTENSIONS_DIR = "/opt/deepfleet/torch_extensions"  # DeepSpeed's ops, built in the image
-HOSTFILE = f"{RUN_DIR}/hostfile"
 COMPARED_VERSIONS = ("python", "torch", "deepspeed", "transformers")
 MIXED = "mixed"  # a world of several accelerators: gloo between them, each rank its device
-BACKENDS = {"cuda": "nccl", "rocm": "nccl", "cpu": "gloo", MIXED: "gloo"}  # RCCL is "nccl"
+# each flavor's own backend; a mixed world reduces over gloo in host memory
+BACKENDS = {**{f.name: f.backend for f in flavors.FLAVORS.values()}, MIXED: "gloo"}
 
 
 @dataclass(frozen=True)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from docker.errors import APIError, DockerException
 
+from . import flavors
 from .errors import ImageError
 
 # The image labels set from the manifest (images/Dockerfile.*), by manifest key.
@@ -70,10 +71,9 @@ def version_tag(manifest: dict[str, str], flavor: str) -> str:
         f"ds{manifest['DEEPSPEED_VERSION']}",
         f"tf{manifest['TRANSFORMERS_VERSION']}",
     ]
-    if flavor == "cuda":
-        parts.append(f"cuda{manifest['CUDA_VERSION']}")
-    if flavor == "rocm":
-        parts.append(f"rocm{manifest['ROCM_VERSION']}")
+    key = flavors.get(flavor).version_key
+    if key:
+        parts.append(f"{flavor}{manifest[key]}")
     return "-".join(parts)
 
 

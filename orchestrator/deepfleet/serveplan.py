@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from .compat import drivable_gpus
 from .errors import PlanError
 from .inferplan import GB, HEADROOM
+from .layout import RUN_DIR
 from .plan import ClusterPlan, LeftOut
 from .reports import NodeReport
 
@@ -24,7 +25,7 @@ GATEWAY_PORT = 8000  # the OpenAI-compatible endpoint, on the operator's machine
 MAX_TOKENS_LIMIT = 4096  # the most one request may ask for (--max-tokens-limit)
 API_KEY_ENV = "DEEPFLEET_API_KEY"  # the endpoint's key when --api-key is not given
 # The running service's record on the master: where it listens, its replicas' counts.
-SERVICE_FILE = "/workspace/.deepfleet/service.json"
+SERVICE_FILE = f"{RUN_DIR}/service.json"
 SERVICE_READ_SH = f"cat {SERVICE_FILE} 2>/dev/null; true"
 
 

@@ -19,14 +19,14 @@ import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import compose, joblogs, jobs, plan
+from . import compose, flavors, joblogs, jobs, plan
 from .errors import DeepfleetError
 from .jobrun import RunOptions, job_env
 from .plan import BACKENDS, MASTER_PORT, RUN_DIR, WORKDIR
 from .registry import parse_ref
 
 TRAIN_MODULE = "deepfleet_node.train"
-FLAVORS = ("cpu", "cuda", "rocm")
+FLAVORS = flavors.NAMES
 
 
 class ExportError(DeepfleetError):
@@ -60,7 +60,7 @@ class SlurmRequest:
 
     @property
     def chosen_image(self) -> str:
-        return self.image or f"deepfleet/{self.chosen_flavor}:latest"
+        return self.image or flavors.get(self.chosen_flavor).image
 
     @property
     def slots(self) -> int:

@@ -18,10 +18,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-HEARTBEAT_DIR = "/workspace/.deepfleet/heartbeat"
+from .layout import RUN_DIR
+
+HEARTBEAT_DIR = f"{RUN_DIR}/heartbeat"
 # The running job's lease on the master: who started it, renewed at every watchdog round,
 # so a second operator can tell a live job from processes a killed one left behind.
-LEASE = "/workspace/.deepfleet/job.lease"
+LEASE = f"{RUN_DIR}/job.lease"
 LEASE_READ_SH = f"date +%s; cat {LEASE} 2>/dev/null; true"
 # The node's own clock first, then one `rank-N:time` line per rank: ages are measured on
 # the node, so the machines' clocks need not agree with the operator's.
