@@ -1,14 +1,41 @@
-"""Reports: a node container's `detect --json` output as a typed NodeReport."""
+"""Reports: a node container's `detect --json` output as a typed NodeReport.
+
+Its shape is the node package's schemas/report.schema.json, the file detect checks its
+own reports against; here every report is validated against that file's top level, which
+reports saved from older images also meet.
+"""
 
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import asdict, dataclass, field
+from functools import cache
+from importlib import resources
 
 from .errors import ReportError
 
-SCHEMA = 1
+
+@cache
+def _schema() -> dict:
+    return json.loads(
+        (resources.files("deepfleet_node") / "schemas" / "report.schema.json").read_text()
+    )
+
+
+# jsonschema is imported only when a report is checked: the node image, which has none,
+# imports this module too (memfit's tests, through compat) but never parses a report.
+@cache
+def _validator():
+    import jsonschema
+
+    return jsonschema.Draft202012Validator(_schema())
+
+
+def _schema_error(raw: dict):
+    """The most telling way raw breaks the schema, or None."""
+    from jsonschema.exceptions import best_match
+
+    return best_match(_validator().iter_errors(raw))
 
 
 @dataclass(frozen=True)
@@ -78,15 +105,37 @@ def _gpu(raw: dict) -> GPU:
     )
 
 
-def _optional(raw: dict, key: str, kind):
-    """None stays None (absent in reports from older images); a value must be positive."""
-    value = raw.get(key)
-    if value is None:
-        return None
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    if not (number and math.isfinite(value) and value > 0):
-        raise ValueError(f"{key} {value!r} is not a positive number")
-    return kind(value)
+def _not_json(token: str):
+    # Python's json reads NaN and Infinity, which JSON has not; the schema cannot refuse a
+    # NaN (no comparison fails on it), so they stop here.
+    raise ValueError(f"{token} is not a JSON number")
+
+
+def _where(path) -> str:
+    where = ""
+    for part in path:
+        where += f"[{part}]" if isinstance(part, int) else f"{'.' if where else ''}{part}"
+    return where
+
+
+def _schema_problem(error) -> str:
+    """One line naming the field and what is wrong with it, in the schema's words."""
+    where = _where(error.absolute_path)
+
+    def at(key) -> str:
+        return f"{where}.{key}" if where else str(key)
+
+    if error.validator == "required":
+        missing = next(k for k in error.validator_value if k not in error.instance)
+        return f"{at(missing)} is missing"
+    if error.validator == "additionalProperties":
+        known = error.schema.get("properties", {})
+        unknown = sorted(str(k) for k in error.instance if k not in known)
+        return f"{at(unknown[0])} is not a known key"
+    title = error.schema.get("title")
+    if title:
+        return f"{where} {error.instance!r} is not {title}"
+    return f"{where} {error.message}" if where else error.message
 
 
 def parse(text: str | bytes, node: str | None = None) -> NodeReport:
@@ -94,31 +143,37 @@ def parse(text: str | bytes, node: str | None = None) -> NodeReport:
     if isinstance(text, bytes):
         text = text.decode(errors="replace")
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, parse_constant=_not_json)
     except json.JSONDecodeError as exc:
         snippet = " ".join(text.split())[:120]
         raise ReportError(f"detect printed no JSON report ({exc.msg}): {snippet!r}", node) from exc
+    except ValueError as exc:
+        raise ReportError(f"detect report is not plain JSON: {exc}", node) from exc
     if not isinstance(raw, dict):
         raise ReportError("detect report is not a JSON object", node)
-    if raw.get("schema") != SCHEMA:
-        raise ReportError(f"detect report schema {raw.get('schema')!r}, expected {SCHEMA}", node)
-    try:
-        return NodeReport(
-            hostname=str(raw["hostname"]),
-            ips=tuple(str(ip) for ip in raw.get("ips") or ()),
-            cpu_count=int(raw["cpu_count"]),
-            memory_bytes=int(raw["memory_bytes"]),
-            accelerator=str(raw.get("accelerator") or "cpu"),
-            gpu_vendor=str(raw.get("gpu_vendor") or "none"),
-            gpus=tuple(_gpu(g) for g in raw.get("gpus") or ()),
-            versions={
-                k: (str(v) if v is not None else None)
-                for k, v in (raw.get("versions") or {}).items()
-            },
-            errors=tuple(f"{e.get('tool')}: {e.get('error')}" for e in raw.get("errors") or ()),
-            torch_arch_list=tuple(str(a) for a in raw.get("torch_arch_list") or ()),
-            memory_limit_bytes=_optional(raw, "memory_limit_bytes", int),
-            cpu_quota=_optional(raw, "cpu_quota", float),
-        )
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ReportError(f"detect report is missing or has a bad field: {exc}", node) from exc
+    # Named first: a report of another schema would break other fields than this one.
+    expected = _schema()["properties"]["schema"]["const"]
+    if raw.get("schema") != expected:
+        raise ReportError(f"detect report schema {raw.get('schema')!r}, expected {expected}", node)
+    error = _schema_error(raw)
+    if error is not None:
+        problem = _schema_problem(error)
+        raise ReportError(f"detect report is missing or has a bad field: {problem}", node)
+    limit, quota = raw.get("memory_limit_bytes"), raw.get("cpu_quota")
+    return NodeReport(
+        hostname=raw["hostname"],
+        ips=tuple(raw.get("ips") or ()),
+        cpu_count=int(raw["cpu_count"]),
+        memory_bytes=int(raw["memory_bytes"]),
+        accelerator=str(raw.get("accelerator") or "cpu"),
+        gpu_vendor=str(raw.get("gpu_vendor") or "none"),
+        gpus=tuple(_gpu(g) for g in raw.get("gpus") or ()),
+        versions={
+            k: (str(v) if v is not None else None) for k, v in (raw.get("versions") or {}).items()
+        },
+        errors=tuple(f"{e['tool']}: {e['error']}" for e in raw.get("errors") or ()),
+        torch_arch_list=tuple(raw.get("torch_arch_list") or ()),
+        # None or absent (reports from older images): no limit
+        memory_limit_bytes=None if limit is None else int(limit),
+        cpu_quota=None if quota is None else float(quota),
+    )

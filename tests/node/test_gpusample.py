@@ -59,7 +59,7 @@ def test_recorded_rocm_smi_json_of_six_mi100():
 def test_a_machine_without_gpu_tools_samples_nothing(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     monkeypatch.delenv("ROCM_PATH", raising=False)
-    monkeypatch.setattr("deepfleet_node.detect.EXTRA_TOOL_DIRS", ())
+    monkeypatch.setattr("deepfleet_node.detect.runner.EXTRA_TOOL_DIRS", ())
     assert gpusample.sample() == {"gpus": [], "tool": None, "error": None}
 
 

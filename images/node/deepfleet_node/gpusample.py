@@ -17,18 +17,18 @@ import json
 import sys
 from typing import Any
 
-from .detect import (
+from .detect.nvidia import _csv_header
+from .detect.parsing import (
     _clean,
-    _csv_header,
     _csv_rows,
     _json_from_text,
     _norm_key,
     _one_line,
     _strip_ansi,
     _to_int,
-    run_tool,
     to_bytes,
 )
+from .detect.runner import run_tool
 
 NVIDIA_FIELDS = ("index", "name", "memory.used", "memory.total", "utilization.gpu")
 NVIDIA_ARGV = ["nvidia-smi", f"--query-gpu={','.join(NVIDIA_FIELDS)}", "--format=csv,nounits"]
