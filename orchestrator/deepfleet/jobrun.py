@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import docker
 import requests
 
+from deepfleet_node.heartbeat import DIR_ENV as HEARTBEAT_ENV
+from deepfleet_node.ranksetup import PG_TIMEOUT_ENV
+
 from . import hostfile, joblogs, launch, preflight, transfer
 from .cluster import Session
 from .connect import docker_cause
@@ -28,9 +31,6 @@ from .watchdog import (
     lease_text,
     live_lease,
 )
-
-PG_TIMEOUT_ENV = "DEEPFLEET_PG_TIMEOUT"  # read by deepfleet_node.train.process_group_timeout
-HEARTBEAT_ENV = "DEEPFLEET_HEARTBEAT_DIR"  # read by deepfleet_node.heartbeat
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,9 @@
 """ZeRO-3 loads the weights already partitioned: no rank ever holds the whole model.
 
 transformers builds the model under deepspeed.zero.Init when HfDeepSpeedConfig says
-stage 3 and `accelerate` is installed (the image pins it in versions.env); each of two
-gloo ranks must then hold about half of every large weight, and nothing in full.
+stage 3 and `accelerate` is installed (the image pins it in versions.env), or, without
+accelerate, when zero3's stand-in is registered instead; either way each of two gloo
+ranks must then hold about half of every large weight, and nothing in full.
 """
 
 from __future__ import annotations
@@ -20,16 +21,25 @@ from nodetools import SUBPROCESS_TIMEOUT_S, free_port, node_env  # noqa: E402
 
 SCRIPT = r"""
 import json, sys
+if sys.argv[2] == "without-accelerate":
+    sys.modules["accelerate"] = None  # importing it fails, as when it is not installed
 import deepspeed, torch
+import transformers.integrations
 from transformers import AutoModelForCausalLM
-from deepfleet_node import train
+from deepfleet_node import train, zero3
+
+if sys.argv[2] == "without-accelerate":
+    def missing(config):  # what HfDeepSpeedConfig raises when accelerate is not installed
+        import importlib.metadata
+        raise importlib.metadata.PackageNotFoundError("accelerate")
+    transformers.integrations.HfDeepSpeedConfig = missing
 
 deepspeed.init_distributed(dist_backend="gloo")
 config = json.loads(train.resolve_config("zero3").read_text())
 config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
               train_batch_size=2)
-keep = train.zero3_loading(config)
-assert keep is not None, "HfDeepSpeedConfig unavailable"
+keep = zero3.zero3_loading(config)
+print("LOADER " + type(keep).__name__, flush=True)
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.float32)
 rows = [(n, p.ds_numel, p.ds_tensor.numel(), p.numel()) for n, p in model.named_parameters()
         if hasattr(p, "ds_id")]
@@ -38,13 +48,17 @@ print("ZERO3 " + json.dumps({"rows": rows, "plain": plain}), flush=True)
 """
 
 
-def test_two_ranks_each_hold_half_of_every_weight(tmp_path, tiny_model):
+@pytest.mark.parametrize(
+    ("accelerate", "loader"),
+    [("with-accelerate", "HfDeepSpeedConfig"), ("without-accelerate", "ZeroLoading")],
+)
+def test_two_ranks_each_hold_half_of_every_weight(tmp_path, tiny_model, accelerate, loader):
     script = tmp_path / "load.py"
     script.write_text(SCRIPT)
     port = free_port()
     procs = [
         subprocess.Popen(
-            [sys.executable, str(script), str(tiny_model)],
+            [sys.executable, str(script), str(tiny_model), accelerate],
             env=node_env(rank, 2, port),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -56,6 +70,7 @@ def test_two_ranks_each_hold_half_of_every_weight(tmp_path, tiny_model):
     for proc, out in zip(procs, outputs, strict=True):
         assert proc.returncode == 0, out[-4000:]
         assert "loads full weights" not in out
+        assert f"LOADER {loader}" in out
     for out in outputs:
         line = next(x for x in out.splitlines() if x.startswith("ZERO3 "))
         seen = json.loads(line.removeprefix("ZERO3 "))

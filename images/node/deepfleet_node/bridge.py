@@ -21,7 +21,7 @@ import json
 import os
 from pathlib import Path
 
-from . import train
+from . import ranksetup, train
 from ._log import exit_after_success, say
 
 DEVICE_ENV = "DEEPFLEET_BRIDGE_DEVICE"
@@ -43,10 +43,10 @@ def init_gloo(local_rank: int | None) -> tuple[int, int]:
     """A gloo process group for every rank, whatever DEEPFLEET_BACKEND says."""
     import torch.distributed as dist
 
-    train.ensure_dist_env()
+    ranksetup.ensure_dist_env()
     if local_rank is not None:
         os.environ["LOCAL_RANK"] = str(local_rank)
-    dist.init_process_group("gloo", timeout=train.process_group_timeout())
+    dist.init_process_group("gloo", timeout=ranksetup.process_group_timeout())
     return dist.get_rank(), dist.get_world_size()
 
 
@@ -278,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     from .data import BatchStream
 
     train.check_shares_arg(args, world)
-    train.quiet_libraries(args.verbose)
+    ranksetup.quiet_libraries(args.verbose)
     set_seed(args.seed)
     device = bridge_device()
     host = torch.device("cpu")  # gloo's tensors

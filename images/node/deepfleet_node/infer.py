@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import ranksetup
 from ._log import exit_after_success, say
+from .zero3 import zero3_loading
 
 MODES = ("replicas", "tp", "zero")
 BACKEND_ENV = "DEEPFLEET_BACKEND"  # set by the operator's plan (plan.BACKENDS)
@@ -139,32 +141,17 @@ def init_distributed(mode: str, local_rank: int | None) -> tuple[int, int]:
     """(rank, world). Replicas need no process group on one rank; tp and zero always do."""
     if mode == "replicas" and world_size() == 1:
         return 0, 1
-    import deepspeed
-    import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
-
-    from .train import ensure_dist_env, process_group_timeout
-
-    ensure_dist_env()
-    if local_rank is not None:
-        os.environ["LOCAL_RANK"] = str(local_rank)
-    acc = get_accelerator()
-    if acc.device_name() == "cpu":
-        if not uses_shm_allreduce(mode):
-            keep_shm_allreduce_off()
-    else:
-        acc.set_device(int(os.environ["LOCAL_RANK"]))
-    deepspeed.init_distributed(dist_backend=dist_backend(acc), timeout=process_group_timeout())
-    return dist.get_rank(), dist.get_world_size()
+    rank, world, _ = ranksetup.init_distributed(
+        local_rank, backend=planned_backend(), shm_allreduce=uses_shm_allreduce(mode)
+    )
+    return rank, world
 
 
-def dist_backend(acc) -> str:
-    """The accelerator's own backend, or gloo when the operator planned a world of
-    several accelerators (DEEPFLEET_BACKEND=gloo beside a GPU): NCCL cannot reach a CPU
-    rank, gloo reaches every rank through host memory."""
-    if os.environ.get(BACKEND_ENV) == "gloo":
-        return "gloo"
-    return acc.communication_backend_name()
+def planned_backend() -> str | None:
+    """gloo when the operator planned a world of several accelerators (DEEPFLEET_BACKEND=gloo
+    beside a GPU): NCCL cannot reach a CPU rank, gloo reaches every rank through host
+    memory. None: the accelerator's own backend."""
+    return "gloo" if os.environ.get(BACKEND_ENV) == "gloo" else None
 
 
 def uses_shm_allreduce(mode: str) -> bool:
@@ -178,19 +165,6 @@ def uses_shm_allreduce(mode: str) -> bool:
     """
     single_host = os.environ.get("LOCAL_SIZE") == os.environ.get("WORLD_SIZE", "1")
     return mode == "tp" and single_host and world_size() > 1
-
-
-def keep_shm_allreduce_off() -> None:
-    """Keep DeepSpeed's CPU shm comm op unloaded; all-reduce then goes through gloo.
-
-    Loaded, the op also creates a 66 MiB /dev/shm segment per rank that DeepSpeed never
-    removes, even in runs that never use it.
-    """
-    import deepspeed.ops
-
-    # init_distributed loads the op only if this says it is compatible; DeepSpeed caches
-    # the dict on first use and documents that edits to it persist.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def remove_shm_segment(rank: int) -> None:
@@ -310,39 +284,6 @@ def zero_inference_config(dtype, device) -> dict[str, Any]:
         "fp16": {"enabled": dtype == torch.float16},
         "zero_optimization": zero,
     }
-
-
-class ZeroLoading:
-    """What transformers' from_pretrained consults to build a model under deepspeed.zero.Init.
-
-    transformers' own HfDeepSpeedConfig needs `accelerate`, which the node image does not
-    ship; from_pretrained only asks the registered object is_zero3() and for .config (the
-    dict it hands to zero.Init), so this stands in for it. Registered, from_pretrained
-    creates every parameter already partitioned; rank 0 memory-maps the checkpoint and
-    copies it in one module at a time (gather, copy, re-partition), and the other ranks
-    read only its keys and shapes. No rank ever allocates the whole model.
-    """
-
-    def __init__(self, ds_config: dict[str, Any]):
-        self.config = ds_config
-
-    def is_zero3(self) -> bool:
-        return True
-
-
-def zero3_loading(ds_config: dict[str, Any]):
-    """Register ZeRO-3 aware loading with transformers; keep the result alive while loading."""
-    from transformers.integrations import set_hf_deepspeed_config
-
-    try:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        return HfDeepSpeedConfig(ds_config)
-    except ImportError:  # accelerate missing (PackageNotFoundError is an ImportError)
-        keep = ZeroLoading(ds_config)
-        # transformers holds only a weak reference; the caller keeps `keep` alive.
-        set_hf_deepspeed_config(keep)
-        return keep
 
 
 def load_zero(model_name: str, dtype, device):
@@ -511,10 +452,8 @@ def generation_line(rows: list[dict], seconds: float, world: int) -> str:
 
 
 def run(args: argparse.Namespace) -> None:
-    from .train import quiet_libraries
-
     rank, world = init_distributed(args.mode, args.local_rank)
-    quiet_libraries(verbose=False)
+    ranksetup.quiet_libraries(verbose=False)
     prompts = read_prompts(args)
     generator, device, _keep_alive, tokenizer = load_generator(args, world)
     import torch.distributed as dist

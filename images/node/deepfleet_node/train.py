@@ -10,26 +10,20 @@ environment it makes a one-rank process group by itself.
 from __future__ import annotations
 
 import argparse
-import importlib.metadata
 import json
-import logging
 import math
-import os
 import secrets
-import socket
 import time
-import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from . import balance, heartbeat, joblog
+from . import balance
 from ._log import exit_after_success, say
-from .netif import pin_socket_interfaces
+from .ranksetup import init_distributed, quiet_libraries
+from .zero3 import zero3_loading
 
-PG_TIMEOUT_ENV = "DEEPFLEET_PG_TIMEOUT"
-DEFAULT_PG_TIMEOUT_S = 600
 CONFIG_NAMES = ("zero1", "zero2", "zero3", "zero3-offload")
 WARMUP_SCHEDULERS = ("WarmupLR", "WarmupDecayLR", "WarmupCosineLR")
 BALANCES = ("even", "speed")
@@ -130,63 +124,6 @@ def shares_arg(text: str) -> list[int]:
 
 
 # ---------------------------------------------------------------- distributed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def ensure_dist_env() -> None:
-    """Give a launcher-less run the env a one-rank process group needs, and bind the
-    collectives to the interface that reaches the master (see netif). The rank's output
-    goes to its machine's job log from here on (see joblog)."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        defaults = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}
-        for key, value in defaults.items():
-            os.environ.setdefault(key, value)
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    joblog.start()
-    pin_socket_interfaces()
-    heartbeat.start()
-
-
-def process_group_timeout():
-    """How long a collective may wait for a peer (DEEPFLEET_PG_TIMEOUT, seconds).
-
-    torch waits 30 minutes by default; a peer that died or vanished should end the job
-    long before, and the operator's watchdog usually ends it sooner still.
-    """
-    from datetime import timedelta
-
-    return timedelta(seconds=float(os.environ.get(PG_TIMEOUT_ENV, DEFAULT_PG_TIMEOUT_S)))
-
-
-def init_distributed(local_rank: int | None) -> tuple[int, int, str]:
-    """(rank, world, device type). The accelerator picks the backend: nccl, or gloo on CPU."""
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
-    ensure_dist_env()
-    if local_rank is not None:
-        os.environ["LOCAL_RANK"] = str(local_rank)
-    acc = get_accelerator()
-    if acc.device_name() != "cpu":
-        # Before any allocation, so zero.Init and NCCL land on this rank's GPU.
-        acc.set_device(int(os.environ["LOCAL_RANK"]))
-    else:
-        # Training never uses DeepSpeed's CPU shm all-reduce (AutoTP inference does), and
-        # loading it leaves a 66 MiB /dev/shm segment per rank on the host behind.
-        from .infer import keep_shm_allreduce_off
-
-        keep_shm_allreduce_off()
-    deepspeed.init_distributed(
-        dist_backend=acc.communication_backend_name(), timeout=process_group_timeout()
-    )
-    import torch.distributed as dist
-
-    return dist.get_rank(), dist.get_world_size(), acc.device_name()
 
 
 def pick_precision(requested: str, device: str) -> str:
@@ -297,26 +234,10 @@ def adapt_zero_to_cpu(zero: dict) -> None:
 # ---------------------------------------------------------------- model and data
 
 
-def quiet_libraries(verbose: bool) -> None:
-    import transformers
-    from deepspeed.utils import logger as ds_logger
-
-    transformers.utils.logging.disable_progress_bar()
-    # Under the operator the rank's whole output is its job log and the operator's
-    # terminal leaves the chatter out (see joblog), so nothing is dropped at the source.
-    if not verbose and not joblog.active():
-        ds_logger.setLevel(logging.WARNING)
-        # DeepSpeed still calls c10d functions torch has renamed; one warning per call site
-        # per rank buries the progress lines.
-        warnings.filterwarnings(
-            "ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning
-        )
-
-
 def load_model(args, ds_config: dict, precision: str):
     """The model, plus an object that must stay alive while ZeRO-3 is in use.
 
-    With ZeRO-3, HfDeepSpeedConfig makes from_pretrained build the model under
+    With ZeRO-3, zero3_loading makes from_pretrained build the model under
     deepspeed.zero.Init, so no rank ever holds the full weights.
     """
     import torch
@@ -334,22 +255,6 @@ def load_model(args, ds_config: dict, precision: str):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
     return model, keep_alive
-
-
-def zero3_loading(ds_config: dict):
-    """Turn on transformers' ZeRO-3 aware loading; None when it is unavailable.
-
-    transformers needs `accelerate` for it. Without that the model loads whole on each
-    rank and deepspeed.initialize partitions it afterwards: same training, more host RAM
-    at start-up.
-    """
-    try:
-        from transformers.integrations import HfDeepSpeedConfig
-
-        return HfDeepSpeedConfig(ds_config)
-    except (ImportError, importlib.metadata.PackageNotFoundError):
-        say("note: no `accelerate`, so each rank loads full weights before ZeRO-3 partitions them")
-        return None
 
 
 def load_dataset(args, tokenizer):
