@@ -321,14 +321,17 @@ def render(req: SlurmRequest) -> str:
         f'export WORKDIR="${{DEEPFLEET_WORKDIR:-{req.workdir}}}"\n'
         'mkdir -p "$WORKDIR"/models "$WORKDIR"/data "$WORKDIR"/checkpoints "$WORKDIR"/hf-cache'
         ' "$WORKDIR"/logs "$WORKDIR"/.deepfleet\n\n'
-        "# the master: the allocation's first node, by the address Slurm itself reaches it on\n"
-        'head=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)\n'
-        "MASTER_ADDR=$(scontrol show node \"$head\" | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')\n"
-        'export MASTER_ADDR="${MASTER_ADDR:-$head}"\n'
+        "# the allocation's nodes in node-rank order ($SLURM_NODEID); read whole, as `| head`\n"
+        "# would end scontrol with SIGPIPE and pipefail the script\n"
+        'mapfile -t hosts < <(scontrol show hostnames "$SLURM_JOB_NODELIST")\n'
+        "# the master: the first node, by the address Slurm itself reaches it on\n"
+        'MASTER_ADDR=$(scontrol show node "${hosts[0]}"'
+        " | sed -n 's/.*NodeAddr=\\([^ ]*\\).*/\\1/p')\n"
+        'export MASTER_ADDR="${MASTER_ADDR:-${hosts[0]}}"\n'
         f"export MASTER_PORT={req.master_port}\n"
-        "# DeepSpeed's hostfile, in node-rank order ($SLURM_NODEID)\n"
-        f'scontrol show hostnames "$SLURM_JOB_NODELIST" | sed "s/$/ slots={req.slots}/"'
-        f' >"$WORKDIR/.deepfleet/hostfile-$SLURM_JOB_ID"\n\n'
+        "# DeepSpeed's hostfile\n"
+        f'printf "%s slots={req.slots}\\n" "${{hosts[@]}}"'
+        ' >"$WORKDIR/.deepfleet/hostfile-$SLURM_JOB_ID"\n\n'
         "# what every rank reads (the LAN job's launch environment)\n"
         f"{exports}{threads}\n"
         f"{runtime.define(req.chosen_image, spec, names, mounts)}"

@@ -42,7 +42,7 @@ def test_cpu_ranks_use_gloo_and_a_share_of_the_cores():
     text = script(nodes=3, cpu_slots=2)
     assert "#SBATCH --nodes=3" in text and "--gpus-per-node" not in text
     assert "export DEEPFLEET_BACKEND=gloo" in text
-    assert 'sed "s/$/ slots=2/"' in text
+    assert 'printf "%s slots=2\\n"' in text
     assert "OMP_NUM_THREADS=$(( ${SLURM_CPUS_ON_NODE:-$(nproc)} / 2 ))" in text
     assert "--gpus" not in text
 
