@@ -45,6 +45,9 @@ rows = [(n, p.ds_numel, p.ds_tensor.numel(), p.numel()) for n, p in model.named_
         if hasattr(p, "ds_id")]
 plain = [n for n, p in model.named_parameters() if not hasattr(p, "ds_id")]
 print("ZERO3 " + json.dumps({"rows": rows, "plain": plain}), flush=True)
+# leave the group together: a rank that exits with gloo's threads still up may abort
+torch.distributed.barrier()
+torch.distributed.destroy_process_group()
 """
 
 
