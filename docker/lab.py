@@ -213,20 +213,30 @@ def down(client=None, lab_dir: Path | None = None) -> list[str]:
     """Remove every lab container, volume and network; returns what was removed."""
     client = client or _client()
     removed = []
+    # each object may vanish between list and remove (another down, a container's --rm)
     for c in client.containers.list(all=True, filters={"label": LABEL}):
-        c.remove(force=True, v=True)
-        removed.append(c.name)
+        if _gone_or(lambda c=c: c.remove(force=True, v=True)):
+            removed.append(c.name)
     for v in client.volumes.list(filters={"label": LABEL}):
-        v.remove(force=True)
-        removed.append(v.name)
+        if _gone_or(lambda v=v: v.remove(force=True)):
+            removed.append(v.name)
     for n in client.networks.list(filters={"label": LABEL}):
-        n.remove()
-        removed.append(n.name)
+        if _gone_or(n.remove):
+            removed.append(n.name)
     if any(r.startswith(f"{PREFIX}-") and r[len(PREFIX) + 1 :].isdigit() for r in removed):
         _remove_cgroups(client)
     if lab_dir is not None:
         shutil.rmtree(lab_dir, ignore_errors=True)
     return removed
+
+
+def _gone_or(remove) -> bool:
+    """remove(); False when the object was already gone."""
+    try:
+        remove()
+    except NotFound:
+        return False
+    return True
 
 
 def _remove_cgroups(client) -> None:
