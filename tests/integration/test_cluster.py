@@ -197,7 +197,9 @@ def test_a_rebuilt_image_streams_only_its_new_layers(cluster, outer_docker, tmp_
 
     dockerfile = b"FROM deepfleet/cpu:latest\nRUN echo rebuilt > /opt/deepfleet/rebuilt\n"
     ref = "deepfleet-test/derived:1"
-    image, _ = outer_docker.images.build(fileobj=io.BytesIO(dockerfile), tag=ref, rm=True)
+    image, _ = outer_docker.images.build(
+        fileobj=io.BytesIO(dockerfile), tag=ref, rm=True, forcerm=True
+    )
     node = resolve(["lab1"], cluster.lab.ssh_config).nodes[0]
     client = connect(node)
     try:

@@ -438,7 +438,7 @@ def test_an_image_load_that_stops_progressing_fails_naming_the_node(
         b"RUN head -c 64000000 /dev/urandom > /opt/deepfleet/stall-test\n"
     )
     ref = "deepfleet-test/stall:1"
-    outer_docker.images.build(fileobj=io.BytesIO(dockerfile), tag=ref, rm=True)
+    outer_docker.images.build(fileobj=io.BytesIO(dockerfile), tag=ref, rm=True, forcerm=True)
     plain = images._file_chunks
     froze: list[float] = []
 

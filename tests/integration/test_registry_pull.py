@@ -57,7 +57,9 @@ def _image(client, tag: str, **labels) -> str:
     wanted = {"ai.deepfleet.flavor": "cpu", **registry.expected_labels(m, "cpu"), **labels}
     lines = ["FROM deepfleet/base:bookworm", f"RUN echo {tag} > /which"]
     lines += [f'LABEL {k}="{v}"' for k, v in wanted.items()]
-    image, _ = client.images.build(fileobj=io.BytesIO("\n".join(lines).encode()), tag=tag)
+    image, _ = client.images.build(
+        fileobj=io.BytesIO("\n".join(lines).encode()), tag=tag, rm=True, forcerm=True
+    )
     return image.id
 
 
