@@ -16,9 +16,7 @@ else the lab makes, so `lab.py down` removes it and its storage.
 from __future__ import annotations
 
 import datetime
-import io
 import ipaddress
-import tarfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +27,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from docker.errors import DockerException, NotFound
+
+from deepfleet.transfer import tar_files
 
 PORT = 5443  # not 5000: the docker-registry package's own service listens there
 CONTAINER_SUFFIX = "registry"
@@ -141,12 +141,7 @@ def trust_on(container, address: str, ca: bytes) -> None:
     """Make one lab machine's engine trust the lab CA for `address` (no restart needed)."""
     directory = f"{CERTS_D}/{address}"
     code, out = container.exec_run(["mkdir", "-p", directory])
-    archive = io.BytesIO()
-    with tarfile.open(fileobj=archive, mode="w") as tar:
-        info = tarfile.TarInfo("ca.crt")
-        info.size, info.mode = len(ca), 0o644
-        tar.addfile(info, io.BytesIO(ca))
-    if code != 0 or not container.put_archive(directory, archive.getvalue()):
+    if code != 0 or not container.put_archive(directory, tar_files({"ca.crt": (ca, 0o644)})):
         detail = " ".join(out.decode(errors="replace").split())
         raise RegistryError(f"{container.name}: cannot install the lab CA: {detail}")
 

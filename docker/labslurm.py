@@ -12,11 +12,11 @@ Only the lab's machines run it; nothing else on this host is configured.
 
 from __future__ import annotations
 
-import io
 import os
-import tarfile
 import time
 from dataclasses import dataclass
+
+from deepfleet.transfer import tar_files
 
 CLUSTER = "deepfleet-lab"
 PARTITION = "lab"
@@ -44,12 +44,7 @@ def _run(container, script: str, what: str) -> str:
 
 
 def _put(container, directory: str, name: str, data: bytes, mode: int) -> None:
-    archive = io.BytesIO()
-    with tarfile.open(fileobj=archive, mode="w") as tar:
-        info = tarfile.TarInfo(name)
-        info.size, info.mode = len(data), mode
-        tar.addfile(info, io.BytesIO(data))
-    if not container.put_archive(directory, archive.getvalue()):
+    if not container.put_archive(directory, tar_files({name: (data, mode)})):
         raise SlurmError(f"{container.name}: cannot write {directory}/{name}")
 
 

@@ -224,7 +224,7 @@ def model_and_data(req: SlurmRequest) -> tuple[str, str, tuple[str, ...]]:
     data = f"{jobs.DEMO_DATA}/train.txt" if t.data == jobs.DEMO else t.data
     if t.data != jobs.DEMO:
         mounts.append(t.data)
-    if "/" in t.config and t.config.startswith("/"):
+    if t.config.startswith("/"):
         mounts.append(t.config)
     return model, data, tuple(mounts)
 
