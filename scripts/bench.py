@@ -227,7 +227,7 @@ def one_process_generate(model_dir: Path) -> float:
     env = {**os.environ, "PYTHONPATH": str(ROOT / "images" / "node"), "OMP_NUM_THREADS": "2"}
     code = (
         "import json, sys, time\n"
-        "from deepfleet_node.infer import reference_generate\n"
+        "from deepfleet_node.infer.generate import reference_generate\n"
         "prompts = json.loads(sys.argv[2])\n"
         "reference_generate(sys.argv[1], prompts[:1], 4)\n"  # warm-up, as infer's load is
         "began = time.perf_counter()\n"

@@ -4,23 +4,75 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
 import pytest
 from nodetools import (
+    IN_IMAGE,
     NEW_TOKENS,
     NODE_DIR,
     PROMPTS,
     TRAIN_ARGS,
     instruction_data,
     pair_args,
+    require,
     run_module,
     run_ranks,
 )
 
 if NODE_DIR.is_dir():  # a checkout; inside the node image the package is installed
     sys.path.insert(0, str(NODE_DIR))
+
+# Inside a node image (DEEPFLEET_IN_IMAGE=1, scripts/test-node.sh) a test may skip only for
+# one of these reasons (regular expressions, searched in the skip's reason); any other
+# skip fails the run, so a test that quietly stopped running is noticed.
+EXPECTED_SKIPS = {
+    r"the CUDA toolkit is in the cuda image only": "test_image: the cpu and rocm images",
+    r"could not import 'datasets'": "test_data: save_to_disk input needs the optional datasets",
+    # tests/sharedata.py: locally only; under CI a missing ../shared fails instead
+    r"is absent \(shared/ is read beside the clone": "test_gpusample: no ../shared (outside CI)",
+}
+
+
+def skip_reason(longrepr) -> str:
+    if isinstance(longrepr, tuple) and len(longrepr) == 3:
+        return str(longrepr[2])
+    return str(longrepr)
+
+
+def unexpected_skip(report) -> str | None:
+    """The reason of a skip that EXPECTED_SKIPS does not list, when in a node image."""
+    if not IN_IMAGE or not report.skipped or hasattr(report, "wasxfail"):
+        return None
+    reason = skip_reason(report.longrepr)
+    if any(re.search(pattern, reason) for pattern in EXPECTED_SKIPS):
+        return None
+    return reason
+
+
+def fail_unexpected_skip(report) -> None:
+    reason = unexpected_skip(report)
+    if reason is not None:
+        report.outcome = "failed"
+        report.longrepr = (
+            f"unexpected skip in the node image: {reason}\n(a skip here must be one of "
+            f"tests/node/conftest.py EXPECTED_SKIPS: {sorted(EXPECTED_SKIPS)})"
+        )
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    fail_unexpected_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    outcome = yield
+    fail_unexpected_skip(outcome.get_result())
+
 
 # Tiny models on small CPUs run far slower with several OpenMP threads than with one
 # (thread wake-up dominates 64-wide matmuls), and two ranks on two cores oversubscribe.
@@ -30,8 +82,8 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory) -> Path:
     """A tiny model + tokenizer, and learnable training text at train.txt beside it."""
-    pytest.importorskip("torch")
-    pytest.importorskip("transformers")
+    require("torch")
+    require("transformers")
     from deepfleet_node import tiny
 
     out = tmp_path_factory.mktemp("tiny")
@@ -52,7 +104,7 @@ def train_text(tiny_dir) -> Path:
 @pytest.fixture(scope="session")
 def zero2_run(tmp_path_factory, tiny_model, train_text) -> tuple[Path, str]:
     """One 40-step ZeRO-2 training run shared by the training and inference tests."""
-    pytest.importorskip("deepspeed")
+    require("deepspeed")
     out = tmp_path_factory.mktemp("zero2")
     log = run_module(
         "train",
@@ -72,7 +124,7 @@ def mixed_data(tmp_path_factory, train_text) -> Path:
 def even_pair_run(tmp_path_factory, tiny_model, mixed_data) -> tuple[Path, list[str]]:
     """Two ZeRO-2 ranks over gloo with an explicit even split (PAIR_ARGS): what uneven
     splits, speed balancing and the bridge must reproduce step by step."""
-    pytest.importorskip("deepspeed")
+    require("deepspeed")
     out = tmp_path_factory.mktemp("even-pair") / "run"
     logs = run_ranks("train", 2, *pair_args(tiny_model, mixed_data, out), "--shares", "2,2")
     return out, logs
@@ -95,6 +147,6 @@ def prompts_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def reference(model_dir) -> list[dict]:
     """Plain single-process transformers generate(): what every inference mode must equal."""
-    from deepfleet_node import infer
+    from deepfleet_node.infer.generate import reference_generate
 
-    return infer.reference_generate(str(model_dir), PROMPTS, NEW_TOKENS)
+    return reference_generate(str(model_dir), PROMPTS, NEW_TOKENS)

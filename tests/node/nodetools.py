@@ -4,6 +4,7 @@ when several test folders run in one session)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import re
@@ -13,9 +14,26 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 NODE_DIR = Path(__file__).resolve().parents[2] / "images" / "node"
 
 SUBPROCESS_TIMEOUT_S = 300
+
+# Set by scripts/test-node.sh: the run is inside a node image, which must have every
+# package these tests use (see require) and may skip only for the reasons conftest.py's
+# EXPECTED_SKIPS lists.
+IN_IMAGE = os.environ.get("DEEPFLEET_IN_IMAGE") == "1"
+
+
+def require(module: str):
+    """The module, imported. Outside a node image a missing one skips (the test, or the
+    whole file at module level); inside one (DEEPFLEET_IN_IMAGE=1) the image must have
+    it, so the import runs for real and a broken install fails the run instead."""
+    if IN_IMAGE:
+        return importlib.import_module(module)
+    return pytest.importorskip(module)
+
 
 # Five prompts of different lengths: 3 ranks get 2/2/1 of them and 2 ranks 3/2, so uneven
 # splits (a rank idling through a round) are exercised too.
@@ -91,7 +109,7 @@ def run_ranks(module: str, world: int, *args: str, node_dirs=None) -> list[str]:
     return outputs
 
 
-# A progress line of train.py (and the bridge), printed by global rank 0.
+# A progress line of deepfleet_node.train (and the bridge), printed by global rank 0.
 LOG_LINE = re.compile(
     r"^step (\d+)/(\d+) loss (\d+\.\d{4}) lr (\S+) tok/s (\d+) samples/s (\d+\.\d) "
     r"step_time (\d+\.\d\d)s eta (\d+)s$",

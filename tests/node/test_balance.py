@@ -1,5 +1,5 @@
 """Uneven micro-batches per rank: the shares, the loss weighting that keeps every
-optimizer step the token mean over the global batch, and train.py end to end.
+optimizer step the token mean over the global batch, and train end to end.
 
 Also run as a script (`python test_balance.py grad-worker ...`): one rank of the
 two-process gradient test.
@@ -14,9 +14,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from nodetools import require
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+torch = require("torch")
+require("transformers")
 
 from nodetools import (  # noqa: E402
     SUBPROCESS_TIMEOUT_S,
@@ -27,7 +28,7 @@ from nodetools import (  # noqa: E402
     run_ranks,
 )
 
-from deepfleet_node import balance  # noqa: E402
+from deepfleet_node.train import balance  # noqa: E402
 
 # ---------------------------------------------------------------- shares
 
@@ -140,7 +141,7 @@ def flat_grad(model):
 def test_token_loss_sum_is_hf_loss_times_targets(tiny_model, train_text):
     from transformers import AutoModelForCausalLM
 
-    from deepfleet_node import train
+    from deepfleet_node.train import loss
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
     blocks = masked_blocks(tiny_model, train_text)
@@ -148,23 +149,23 @@ def test_token_loss_sum_is_hf_loss_times_targets(tiny_model, train_text):
         for rows in ([0, 1, 2], [1, 5], [4]):
             ids, labels = blocks.input_ids[rows], blocks.labels[rows]
             out = model(input_ids=ids, labels=labels)
-            ours = train.token_loss_sum(out.logits, labels)
-            assert train.valid_targets(labels) == int((labels[:, 1:] != -100).sum())
-            assert ours.item() == pytest.approx(out.loss.item() * train.valid_targets(labels), 1e-6)
+            ours = loss.token_loss_sum(out.logits, labels)
+            assert loss.valid_targets(labels) == int((labels[:, 1:] != -100).sum())
+            assert ours.item() == pytest.approx(out.loss.item() * loss.valid_targets(labels), 1e-6)
         # A block with no valid target: HF's mean is 0/0, the sum is a plain 0.
         lone = blocks.labels[[3]]
-        assert train.valid_targets(lone) == 0
+        assert loss.valid_targets(lone) == 0
         assert torch.isnan(model(input_ids=blocks.input_ids[[3]], labels=lone).loss)
-        assert train.token_loss_sum(model(input_ids=blocks.input_ids[[3]]).logits, lone) == 0
+        assert loss.token_loss_sum(model(input_ids=blocks.input_ids[[3]]).logits, lone) == 0
 
 
 def test_the_zero3_probe_times_this_rank(tiny_model):
     from transformers import AutoConfig
 
-    from deepfleet_node import train
+    from deepfleet_node.train import speed
 
     config = AutoConfig.from_pretrained(tiny_model)
-    seconds = train.probe_seconds(config, torch.float32, torch.device("cpu"))
+    seconds = speed.probe_seconds(config, torch.float32, torch.device("cpu"))
     assert 0 < seconds < 1
 
 
@@ -183,7 +184,14 @@ def grad_worker(model_dir: str, blocks_path: str, out_path: str) -> None:
     import torch.distributed as dist
     from transformers import AutoModelForCausalLM
 
-    from deepfleet_node import data, train
+    from deepfleet_node import data
+    from deepfleet_node.train.loss import (
+        all_reduce_sum,
+        token_loss_sum,
+        valid_targets,
+        weighted_loss,
+    )
+    from deepfleet_node.train.model import model_inputs
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
@@ -196,16 +204,14 @@ def grad_worker(model_dir: str, blocks_path: str, out_path: str) -> None:
             stream = data.BatchStream(blocks, rank, world, micro, seed=1, shares=shares)
             model.zero_grad(set_to_none=True)
             batches = [stream.batch(m) for m in range(ga)]
-            targets = [train.valid_targets(b["labels"]) for b in batches]
-            step_targets = train.all_reduce_sum(sum(targets), cpu)
+            targets = [valid_targets(b["labels"]) for b in batches]
+            step_targets = all_reduce_sum(sum(targets), cpu)
             for batch, count in zip(batches, targets, strict=True):
-                loss_sum = train.token_loss_sum(
-                    model(**train.model_inputs(batch, cpu)).logits, batch["labels"]
-                )
+                loss_sum = token_loss_sum(model(**model_inputs(batch, cpu)).logits, batch["labels"])
                 if control:  # what the old code did: each rank's own token mean
                     loss = loss_sum / max(count, 1)
                 else:
-                    loss = train.weighted_loss(loss_sum, world, ga, step_targets)
+                    loss = weighted_loss(loss_sum, world, ga, step_targets)
                 (loss / ga).backward()  # DeepSpeed's engine.backward scaling
             flat = flat_grad(model).detach().clone()
             dist.all_reduce(flat)
@@ -259,7 +265,7 @@ def test_uneven_splits_give_the_token_mean_gradient(tmp_path, tiny_model, train_
     assert diffs["6:2 per-rank mean"] > 1e-3 * scale, diffs
 
 
-# ---------------------------------------------------------------- train.py end to end
+# ---------------------------------------------------------------- train end to end
 
 
 def losses(out):
@@ -339,16 +345,16 @@ def test_caps_hold_a_fast_rank_to_what_its_memory_holds():
 def test_what_the_rebalance_times_holds_no_collective():
     from types import SimpleNamespace
 
-    from deepfleet_node import train
+    from deepfleet_node.train.speed import make_balancer
 
     args = SimpleNamespace(balance="speed", shares=None, rebalance_after=3)
-    zero1 = train.make_balancer(args, world=3, stage=1, start=0, total=8, ga=2)
+    zero1 = make_balancer(args, world=3, stage=1, start=0, total=8, ga=2)
     # ZeRO-1 reduces at the boundary: the micro-step before it, backward included
     assert zero1.with_backward and zero1.timed_what() == "forward and backward passes"
     assert [zero1.times(0, m, 2) for m in range(2)] == [True, False]
     assert not zero1.times(3, 0, 2)  # past the rebalance
-    zero2 = train.make_balancer(args, world=3, stage=2, start=0, total=8, ga=2)
+    zero2 = make_balancer(args, world=3, stage=2, start=0, total=8, ga=2)
     # ZeRO-2 reduces inside every backward: the forward alone, every micro-step
     assert not zero2.with_backward and [zero2.times(0, m, 2) for m in range(2)] == [True, True]
-    one = train.make_balancer(args, world=3, stage=1, start=0, total=8, ga=1)
+    one = make_balancer(args, world=3, stage=1, start=0, total=8, ga=1)
     assert not one.with_backward  # no micro-step without the reduction

@@ -1,4 +1,4 @@
-"""The DeepSpeed config train.py builds from a shipped config plus the CLI."""
+"""The DeepSpeed config deepfleet_node.train builds from a shipped config plus the CLI."""
 
 from __future__ import annotations
 
@@ -7,17 +7,18 @@ from importlib import resources
 
 import pytest
 
-from deepfleet_node import train
+from deepfleet_node.train import args as train_args
+from deepfleet_node.train import config, metrics
 
 NAMES = ["zero1", "zero2", "zero3", "zero3-offload"]
 
 
 def build(name="zero2", *cli, world=2, precision="fp32", device="cpu", shared=True):
     base = ["--model", "m", "--data", "d", "--output", "o", "--deepspeed-config", name]
-    args = train.parse_args([*base, *cli])
-    ga = train.grad_accum_steps(args, world)
+    args = train_args.parse_args([*base, *cli])
+    ga = config.grad_accum_steps(args, world)
     steps = args.steps
-    return train.build_ds_config(args, world, ga, precision, steps, device, shared)
+    return config.build_ds_config(args, world, ga, precision, steps, device, shared)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -43,11 +44,11 @@ def test_batch_sizes_are_consistent():
 
 
 def test_global_batch_must_divide():
-    args = train.parse_args(
+    args = train_args.parse_args(
         ["--model", "m", "--data", "d", "--output", "o", "--global-batch", "10"]
     )
     with pytest.raises(SystemExit):
-        train.grad_accum_steps(args, 3)
+        config.grad_accum_steps(args, 3)
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
@@ -92,13 +93,13 @@ def test_config_path_and_unknown_names(tmp_path):
     cfg = build(str(path))
     assert cfg["optimizer"]["type"] == "AdamW" and cfg["scheduler"]["type"] == "WarmupDecayLR"
     with pytest.raises(FileNotFoundError):
-        train.resolve_config("zero9")
+        config.resolve_config("zero9")
 
 
 def test_log_line_format():
     rec = {"step": 10, "loss": 3.12344, "lr": 0.001, "tokens_per_s": 1234.4,
            "samples_per_s": 5.62, "step_time_s": 0.1234, "eta_s": 5.2}  # fmt: skip
-    assert train.log_line(rec, 60) == (
+    assert metrics.log_line(rec, 60) == (
         "step 10/60 loss 3.1234 lr 1.00e-03 tok/s 1234 samples/s 5.6 step_time 0.12s eta 5s"
     )
 
@@ -108,4 +109,4 @@ def test_log_line_format():
     [(5, 60, 5), (0, 60, 10), (0, 3, 1), (0, 1, 1), (0, 10_000, 50), (0, 100, 17)],
 )
 def test_progress_lines_come_about_six_a_run_unless_asked(asked, total, every):
-    assert train.log_interval(asked, total) == every
+    assert metrics.log_interval(asked, total) == every

@@ -6,9 +6,10 @@ import json
 import sys
 
 import pytest
+from nodetools import require
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("transformers")
+torch = require("torch")
+require("transformers")
 
 from deepfleet_node import data  # noqa: E402
 

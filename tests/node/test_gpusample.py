@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
 
 from deepfleet_node import gpusample
 
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "gpu-tool-outputs"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: sharedata
+import sharedata  # noqa: E402
+
 NVIDIA_CSV = (
     "index, name, memory.used [MiB], memory.total [MiB], utilization.gpu [%]\n"
     "0, NVIDIA H100 80GB HBM3, 40960, 81559, 97\n"
@@ -31,10 +34,8 @@ def test_a_row_that_does_not_match_its_header_is_an_error():
 
 
 def _shared(path: str) -> str:
-    file = SHARED / path
-    if not file.is_file():
-        pytest.skip(f"{file} is absent (../shared holds the recorded tool outputs)")
-    return file.read_text()
+    """A recorded tool output: skipped where ../shared is absent, a failure under CI."""
+    return sharedata.read(f"{sharedata.GPU_TOOL_OUTPUTS}/{path}")
 
 
 def test_recorded_tesla_p100_total_from_used_free_and_reserved():

@@ -2,20 +2,22 @@
 
 from __future__ import annotations
 
-import pytest
+from nodetools import require
 
-pytest.importorskip("torch")
-pytest.importorskip("deepspeed")
-pytest.importorskip("transformers")
+require("torch")
+require("deepspeed")
+require("transformers")
 
 from nodetools import NEW_TOKENS, PROMPTS, read_jsonl, run_module, run_ranks  # noqa: E402
 
-from deepfleet_node import infer  # noqa: E402
+from deepfleet_node.infer import cli  # noqa: E402
+from deepfleet_node.infer.prompts import read_prompts  # noqa: E402
+from deepfleet_node.infer.text import encode_prompt  # noqa: E402
 
 
 def in_process(tmp_path, model_dir, *args):
     out = tmp_path / "out.jsonl"
-    infer.main(["--model", str(model_dir), "--output", str(out), *map(str, args)])
+    cli.main(["--model", str(model_dir), "--output", str(out), *map(str, args)])
     return read_jsonl(out)
 
 
@@ -79,7 +81,7 @@ def test_chat_uses_the_template(tmp_path, model_dir):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(model_dir)
-    enc = infer.encode_prompt(tok, "Who waves?", chat=True)
+    enc = encode_prompt(tok, "Who waves?", chat=True)
     text = tok.decode(enc["input_ids"][0])
     assert text == "<s>user: Who waves?\nassistant:"
     rows = in_process(tmp_path, model_dir, "--prompt", "Who waves?", "--chat",
@@ -90,5 +92,5 @@ def test_chat_uses_the_template(tmp_path, model_dir):
 def test_prompts_from_txt_skip_blank_lines(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("first\n\nsecond line\n")
-    args = infer.parse_args(["--model", "m", "--prompts", str(path), "--output", "o"])
-    assert infer.read_prompts(args) == ["first", "second line"]
+    args = cli.parse_args(["--model", "m", "--prompts", str(path), "--output", "o"])
+    assert read_prompts(args) == ["first", "second line"]

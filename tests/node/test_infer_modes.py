@@ -6,14 +6,15 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from nodetools import require
 
-pytest.importorskip("torch")
-pytest.importorskip("deepspeed")
-pytest.importorskip("transformers")
+require("torch")
+require("deepspeed")
+require("transformers")
 
 from nodetools import NEW_TOKENS, free_port, read_jsonl, run_launcher, run_ranks  # noqa: E402
 
-from deepfleet_node import infer  # noqa: E402
+from deepfleet_node.infer import cli  # noqa: E402
 
 # The stop string ends some sampled continuations early, so in zero mode the two ranks'
 # prompts finish at different steps and synced_gpus must carry the early one along.
@@ -24,7 +25,7 @@ SAMPLING = ("--temperature", "1.5", "--top-p", "0.95", "--seed", "7", "--stop", 
 def sampled(tmp_path_factory, model_dir, prompts_file):
     """Sampled text from one process: what every mode must reproduce with the same seed."""
     out = tmp_path_factory.mktemp("sampled") / "one.jsonl"
-    infer.main(["--model", str(model_dir), "--prompts", str(prompts_file), "--output",
+    cli.main(["--model", str(model_dir), "--prompts", str(prompts_file), "--output",
                 str(out), "--max-new-tokens", str(NEW_TOKENS), *SAMPLING])  # fmt: skip
     rows = read_jsonl(out)
     assert len({r["tokens"] for r in rows}) > 1, "pick a stop string that ends some rows early"
@@ -87,11 +88,11 @@ def test_zero_sampling_is_seeded_like_one_process(tmp_path, model_dir, prompts_f
 
 
 def test_mode_flags():
-    args = infer.parse_args(["--model", "m", "--prompt", "p", "--output", "o"])
+    args = cli.parse_args(["--model", "m", "--prompt", "p", "--output", "o"])
     assert args.mode == "replicas"
     with pytest.raises(SystemExit):
-        infer.parse_args(["--model", "m", "--prompt", "p", "--output", "o", "--mode", "pp"])
+        cli.parse_args(["--model", "m", "--prompt", "p", "--output", "o", "--mode", "pp"])
     with pytest.raises(SystemExit):
-        infer.parse_args(
+        cli.parse_args(
             ["--model", "m", "--prompt", "p", "--output", "o", "--mode", "tp", "--no-deepspeed"]
         )

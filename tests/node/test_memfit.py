@@ -1,4 +1,4 @@
-"""The operator's memory fit (orchestrator/deepfleet/memfit.py) against DeepSpeed's own
+"""The operator's memory fit (orchestrator/deepfleet/planning/memory.py) against DeepSpeed's own
 estimators and against a real model: the transcription must not drift from DeepSpeed.
 
 Runs inside the node image, where DeepSpeed is installed; scripts/test-node.sh mounts the
@@ -12,19 +12,20 @@ import sys
 from pathlib import Path
 
 import pytest
+from nodetools import require
 
-pytest.importorskip("deepspeed")
+require("deepspeed")
 
 ORCHESTRATOR = next(
     (p for p in (Path("/orchestrator"), Path(__file__).resolve().parents[2] / "orchestrator")
-     if (p / "deepfleet" / "memfit.py").is_file()),
+     if (p / "deepfleet" / "planning" / "memory.py").is_file()),
     None,
 )  # fmt: skip
 if ORCHESTRATOR is None:
     pytest.skip("the orchestrator's source is not mounted", allow_module_level=True)
 sys.path.insert(0, str(ORCHESTRATOR))
 
-from deepfleet import memfit  # noqa: E402
+from deepfleet.planning import memory as memfit  # noqa: E402
 
 LLAMA2_7B = 6_738_415_616
 SIZES = [(LLAMA2_7B, 131_072_000), (1_100_048_384, 65_536_000), (125_000_000, 38_597_376)]

@@ -8,10 +8,10 @@ import subprocess
 import sys
 import time
 
-import pytest
+from nodetools import require
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+require("torch")
+require("transformers")
 
 from nodetools import SUBPROCESS_TIMEOUT_S, node_env  # noqa: E402
 

@@ -18,10 +18,10 @@ import time
 from pathlib import Path
 
 import pytest
-from nodetools import free_port, node_env
+from nodetools import free_port, node_env, require
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
+require("fastapi")
+require("uvicorn")
 
 TOKEN = "test-secret-7f3a"
 READY_TIMEOUT_S = 180
@@ -121,9 +121,9 @@ def port(replica) -> int:
 
 @pytest.fixture(scope="module")
 def reference(tiny_model) -> dict[str, dict]:
-    from deepfleet_node import infer
+    from deepfleet_node.infer.generate import reference_generate
 
-    rows = infer.reference_generate(str(tiny_model), PROMPTS, MAX_TOKENS)
+    rows = reference_generate(str(tiny_model), PROMPTS, MAX_TOKENS)
     return {row["prompt"]: row for row in rows}
 
 
@@ -232,7 +232,7 @@ def test_deltas_add_up_across_split_characters(hf, text):
     several tokens (a valid completion the untrained model never writes)."""
     import torch
 
-    from deepfleet_node.serve import DeltaStreamer
+    from deepfleet_node.serve.stream import DeltaStreamer
 
     tok = hf[1]
     ids = tok(text, add_special_tokens=False)["input_ids"]
@@ -409,7 +409,7 @@ def test_module_imports_without_torch():
     # The operator's machine may import node modules for their constants; no torch there.
     code = (
         "import sys; sys.modules['torch'] = None; sys.modules['transformers'] = None\n"
-        "import deepfleet_node.serve as s\n"
+        "import deepfleet_node.serve.cli as s\n"
         "print(s.TOKEN_ENV)\n"
     )
     out = subprocess.run(

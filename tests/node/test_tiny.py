@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from nodetools import require
 
-pytest.importorskip("torch")
-pytest.importorskip("transformers")
+require("torch")
+require("transformers")
 
 from deepfleet_node import tiny  # noqa: E402
 

@@ -8,10 +8,11 @@ import re
 from pathlib import Path
 
 import pytest
+from nodetools import require
 
-torch = pytest.importorskip("torch")
-pytest.importorskip("deepspeed")
-pytest.importorskip("transformers")
+torch = require("torch")
+require("deepspeed")
+require("transformers")
 
 from nodetools import (  # noqa: E402
     LOG_LINE,

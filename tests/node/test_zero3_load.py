@@ -13,9 +13,10 @@ import subprocess
 import sys
 
 import pytest
+from nodetools import require
 
-pytest.importorskip("deepspeed")
-pytest.importorskip("accelerate")
+require("deepspeed")
+require("accelerate")
 
 from nodetools import SUBPROCESS_TIMEOUT_S, free_port, node_env  # noqa: E402
 
@@ -26,7 +27,8 @@ if sys.argv[2] == "without-accelerate":
 import deepspeed, torch
 import transformers.integrations
 from transformers import AutoModelForCausalLM
-from deepfleet_node import train, zero3
+from deepfleet_node import zero3
+from deepfleet_node.train import config as train_config
 
 if sys.argv[2] == "without-accelerate":
     def missing(config):  # what HfDeepSpeedConfig raises when accelerate is not installed
@@ -35,7 +37,7 @@ if sys.argv[2] == "without-accelerate":
     transformers.integrations.HfDeepSpeedConfig = missing
 
 deepspeed.init_distributed(dist_backend="gloo")
-config = json.loads(train.resolve_config("zero3").read_text())
+config = json.loads(train_config.resolve_config("zero3").read_text())
 config.update(train_micro_batch_size_per_gpu=1, gradient_accumulation_steps=1,
               train_batch_size=2)
 keep = zero3.zero3_loading(config)

@@ -1,6 +1,6 @@
 """ZeRO-3 aware loading: from_pretrained builds the model already partitioned under
-deepspeed.zero.Init, so no rank ever holds the whole model; for training (train.py) and
-ZeRO-3 inference (infer.py) alike."""
+deepspeed.zero.Init, so no rank ever holds the whole model; for training (train) and
+ZeRO-3 inference (infer) alike."""
 
 from __future__ import annotations
 

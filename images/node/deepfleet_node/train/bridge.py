@@ -1,28 +1,40 @@
 """Plain data-parallel fine-tuning across unlike devices, GPUs and CPUs in one job.
 
-    python -m deepfleet_node.bridge --model DIR --data FILE --output OUT ...
+    python -m deepfleet_node.train.bridge --model DIR --data FILE --output OUT ...
 
 The same arguments as deepfleet_node.train, the same data, balancing, log lines,
 metrics.jsonl, checkpoints (with --resume) and HF export; but no DeepSpeed engine, whose
 collectives need one backend (nccl or gloo) for every rank. Here every rank holds the
 whole model in fp32 on its own device (cuda when there is one, else cpu; DEEPFLEET_BRIDGE_
-DEVICE=cpu|cuda forces it), computes in bf16 autocast on a GPU that has it and fp32
-elsewhere, and at each optimizer step the gradients go through one fp32 host tensor
-all-reduced over gloo. The optimizer is torch's AdamW with the DeepSpeed config's
-hyperparameters, gradient clipping and DeepSpeed's own lr scheduler class, so a run
-steps like train.py's; the config's ZeRO settings do not apply.
+DEVICE=cpu|cuda forces it), computes in bf16 autocast or plain fp32, and at each optimizer
+step the gradients go through one fp32 host tensor all-reduced over gloo. The optimizer is
+torch's AdamW with the DeepSpeed config's hyperparameters, gradient clipping and
+DeepSpeed's own lr scheduler class, so a run steps like train's; the config's ZeRO
+settings do not apply.
+
+--precision is one value for every rank or a comma list with one per rank, in rank order
+(e.g. bf16,fp32,fp32: the operator's per-device decision); bf16 autocasts, fp32 does not,
+auto is the node's own rule (deepfleet_node.precision) for this rank's device, bf16 where
+it is native and fp32 elsewhere. fp16 is refused: it needs a loss scale agreed over ranks.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import os
 from pathlib import Path
 
-from . import ranksetup, train
-from ._log import exit_after_success, say
+from .. import ranksetup
+from .._log import exit_after_success, say
+from ..precision import PRECISIONS, local_precision, torch_dtype
+from .args import check_shares_arg
+from .args import parse_args as train_args
+from .checkpoints import output_is_shared
+from .config import grad_accum_steps, load_config, set_optimizer, set_scheduler, total_steps
+from .loop import Run, run_to_end
+from .model import load_dataset, load_model
+from .speed import calibrate, initial_shares
 
 DEVICE_ENV = "DEEPFLEET_BRIDGE_DEVICE"
 STATE_FILE = "bridge_state.pt"
@@ -32,11 +44,28 @@ STATE_FILE = "bridge_state.pt"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    args = train.parse_args(argv)
-    if args.precision == "fp16":
+    """train's arguments, --precision a list (see precision_list)."""
+    args = train_args(
+        argv,
+        prog="deepfleet_node.train.bridge",
+        description=__doc__.split("\n")[0],
+        precision_type=precision_list,
+    )
+    if "fp16" in args.precision:
         # fp16 needs loss scaling agreed over ranks; bf16 needs none.
-        raise SystemExit("the bridge computes in bf16 or fp32; --precision fp16 is train.py's")
+        raise SystemExit("the bridge computes in bf16 or fp32; --precision fp16 is train's")
     return args
+
+
+def precision_list(text: str) -> list[str]:
+    """ "bf16" or "bf16,fp32,fp32" -> one name per value, each auto/fp32/bf16/fp16."""
+    names = [part.strip() for part in text.split(",")]
+    bad = [n for n in names if n not in ("auto", *PRECISIONS)]
+    if bad:
+        raise argparse.ArgumentTypeError(
+            f"expected auto, {', '.join(PRECISIONS)} or a comma list of them, got {text!r}"
+        )
+    return names
 
 
 def init_gloo(local_rank: int | None) -> tuple[int, int]:
@@ -68,17 +97,25 @@ def bridge_device():
     return device
 
 
-def compute_dtype(requested: str, device):
-    """The autocast dtype, or None for plain fp32. auto: bf16 on a GPU that has it."""
-    import torch
+def rank_precision(requested: list[str], rank: int, world: int, device) -> str:
+    """This rank's precision, bf16 or fp32, from --precision: one value for every rank or
+    one per rank; auto: bf16 where this rank's device has it natively, else fp32."""
+    if len(requested) == 1:
+        name = requested[0]
+    elif len(requested) == world:
+        name = requested[rank]
+    else:
+        raise SystemExit(
+            f"--precision: {len(requested)} values for {world} ranks; give one, or one per rank"
+        )
+    if name == "auto":
+        name = "bf16" if local_precision(device) == "bf16" else "fp32"
+    return name
 
-    if requested == "fp32":
-        return None
-    if requested == "bf16":
-        return torch.bfloat16
-    if device.type == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return None
+
+def compute_dtype(precision: str):
+    """The autocast dtype of a precision, or None for plain fp32."""
+    return None if precision == "fp32" else torch_dtype(precision)
 
 
 def autocast(device, dtype):
@@ -105,7 +142,7 @@ def build_optimizer(cfg: dict, params):
 
 
 def build_scheduler(cfg: dict, optimizer):
-    """DeepSpeed's own scheduler class for the config's scheduler (train.set_scheduler has
+    """DeepSpeed's own scheduler class for the config's scheduler (config.set_scheduler has
     fitted it to the run), stepped once per optimizer step as DeepSpeed does."""
     from deepspeed.runtime import lr_schedules
 
@@ -134,7 +171,7 @@ def unflatten_into(flat, tensors) -> None:
 
 def all_reduce_gradients(params, world: int) -> None:
     """Every rank's gradients -> their mean over ranks, through one fp32 host tensor
-    all-reduced over gloo (DeepSpeed's averaging, so train.weighted_loss applies as is).
+    all-reduced over gloo (DeepSpeed's averaging, so loss.weighted_loss applies as is).
     A parameter without a gradient on this rank counts as zeros."""
     import torch
     import torch.distributed as dist
@@ -163,8 +200,8 @@ def broadcast_parameters(params) -> None:
 
 
 class BridgeEngine:
-    """The part of DeepSpeed's engine API that train.py's loop, checkpoints and export
-    use, for plain data parallelism over gloo."""
+    """The part of DeepSpeed's engine API that train's loop, checkpoints and export
+    use (train.loop.Run), for plain data parallelism over gloo."""
 
     def __init__(self, model, optimizer, scheduler, *, ga, world, rank, device, dtype, clip,
                  node_local):  # fmt: skip
@@ -251,15 +288,11 @@ class BridgeEngine:
         return str(path.parent), state["client_state"]
 
 
-def precision_name(dtype) -> str:
-    return "fp32" if dtype is None else str(dtype).removeprefix("torch.").replace("bfloat", "bf")
-
-
-def describe_ranks(device, dtype) -> str:
+def describe_ranks(device, precision: str) -> str:
     """Every rank's device and precision, e.g. "cuda/bf16, cpu/fp32", in rank order."""
     import torch.distributed as dist
 
-    mine = f"{device.type}/{precision_name(dtype)}"
+    mine = f"{device.type}/{precision}"
     every: list[str | None] = [None] * dist.get_world_size()
     dist.all_gather_object(every, mine)
     return ", ".join(str(x) for x in every)
@@ -275,29 +308,30 @@ def main(argv: list[str] | None = None) -> None:
     import torch
     from transformers import AutoTokenizer, set_seed
 
-    from .data import BatchStream
+    from ..data import BatchStream
 
-    train.check_shares_arg(args, world)
+    check_shares_arg(args, world)
     ranksetup.quiet_libraries(args.verbose)
     set_seed(args.seed)
     device = bridge_device()
     host = torch.device("cpu")  # gloo's tensors
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
-    shared = train.output_is_shared(out, rank, host)
+    shared = output_is_shared(out, rank, host)
 
     tokenizer = AutoTokenizer.from_pretrained(args.model)
-    dataset = train.load_dataset(args, tokenizer)
-    ga = train.grad_accum_steps(args, world)
+    dataset = load_dataset(args, tokenizer)
+    ga = grad_accum_steps(args, world)
     stream = BatchStream(dataset, rank, world, args.micro_batch, args.seed)
-    steps = train.total_steps(args, stream.per_epoch, ga)
-    cfg = json.loads(train.resolve_config(args.deepspeed_config).read_text())
-    train.set_optimizer(cfg, args, torch_adam=True)
-    train.set_scheduler(cfg, args, steps)
-    dtype = compute_dtype(args.precision, device)
+    steps = total_steps(args, stream.per_epoch, ga)
+    cfg = load_config(args.deepspeed_config)
+    set_optimizer(cfg, args, torch_adam=True)
+    set_scheduler(cfg, args, steps)
+    precision = rank_precision(args.precision, rank, world, device)
+    dtype = compute_dtype(precision)
 
     # fp32 master weights on every rank; autocast computes in dtype.
-    model, _ = train.load_model(args, {"zero_optimization": {"stage": 0}}, "fp32")
+    model, _ = load_model(args, None, "fp32")
     model.to(device)
     broadcast_parameters(list(model.parameters()))
 
@@ -305,11 +339,11 @@ def main(argv: list[str] | None = None) -> None:
         with autocast(device, dtype):
             return model(**inputs).logits
 
-    shares, balance_line = train.initial_shares(
+    shares, balance_line = initial_shares(
         args,
         world,
         0,
-        lambda: train.calibrate(forward, model, stream.batch(0), device),
+        lambda: calibrate(forward, model, stream.batch(0), device),
         host,
     )
     stream.set_shares(shares)
@@ -319,7 +353,7 @@ def main(argv: list[str] | None = None) -> None:
         device=device, dtype=dtype, clip=float(cfg.get("gradient_clipping", 0.0)),
         node_local=not shared,
     )  # fmt: skip
-    ranks = describe_ranks(device, dtype)
+    ranks = describe_ranks(device, precision)
     say(
         f"bridge training {args.model}: {len(dataset)} blocks x {args.seq_len} tokens, "
         f"world {world}, micro-batch {args.micro_batch}, grad-accum {ga}, global batch "
@@ -328,8 +362,8 @@ def main(argv: list[str] | None = None) -> None:
     )
     say(balance_line)
 
-    run = train.Run(engine, stream, args, ga, steps, device, out, world, comm_device=host)
-    train.run_to_end(run, tokenizer, rank, 0)
+    run = Run(engine, stream, args, ga, steps, device, out, world, comm_device=host)
+    run_to_end(run, tokenizer, rank, 0)
 
 
 if __name__ == "__main__":
