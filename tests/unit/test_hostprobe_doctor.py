@@ -1,11 +1,8 @@
-from pathlib import Path
-
 import pytest
+from unitdata import recorded
 
-from deepfleet import hostprobe
-from deepfleet.doctor import _ports_in_use
-
-SHARED = Path(__file__).resolve().parents[2].parent / "shared" / "gpu-tool-outputs" / "other"
+from deepfleet.health.doctor import _ports_in_use
+from deepfleet.machines import hostprobe
 
 NVIDIA_HOST = """dev=/dev/nvidiactl
 dev=/dev/nvidia0
@@ -112,10 +109,7 @@ def test_docker_gpu_errors_become_advice():
     ],
 )
 def test_recorded_docker_gpu_errors(name):
-    path = SHARED / name
-    if not path.exists():
-        pytest.skip(f"{SHARED} is absent (shared recordings not laid out here)")
-    text = path.read_text()
+    text = recorded(f"other/{name}")
     assert "NVIDIA container toolkit" in hostprobe.explain_start_error(text)
 
 

@@ -3,21 +3,22 @@
 import sys
 from pathlib import Path
 
-import pytest
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "images" / "node"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/: sharedata
+
+import sharedata  # noqa: E402
 
 from deepfleet_node import detect  # noqa: E402
 
-# Real GPU tools' outputs recorded on real machines, read in place (../shared).
-RECORDED = Path(__file__).resolve().parents[2].parent / "shared" / "gpu-tool-outputs"
+# Real GPU tools' outputs recorded on real machines, read in place (../shared). Absent, a
+# test that reads them skips locally and fails under CI: see tests/sharedata.py.
+RECORDED_DIR = sharedata.GPU_TOOL_OUTPUTS
+RECORDED = sharedata.shared_dir() / RECORDED_DIR
 
 
 def recorded(relative: str) -> str:
-    path = RECORDED / relative
-    if not path.is_file():
-        pytest.skip(f"recorded output {relative} is absent")
-    return path.read_text(encoding="utf-8", errors="replace")
+    """The text of one recording (``nvidia/...``, ``amd/...``, ``other/...``)."""
+    return sharedata.read(f"{RECORDED_DIR}/{relative}")
 
 
 class Runner:
@@ -62,7 +63,7 @@ def detect_report(**over) -> dict:
 
 def inv(*names):
     """An inventory of nodes at 10.0.0.1, 10.0.0.2, ... in the order named."""
-    from deepfleet.inventory import Inventory, NodeSpec
+    from deepfleet.inventory.nodes import Inventory, NodeSpec
 
     nodes = tuple(
         NodeSpec(n, f"10.0.0.{i + 1}", "root", 22, None, "/dev/null") for i, n in enumerate(names)
@@ -74,14 +75,14 @@ def rep(**over):
     """detect_report(**over) parsed as the orchestrator sees it."""
     import json
 
-    from deepfleet import reports
+    from deepfleet.planning import reports
 
     return reports.parse(json.dumps(detect_report(**over)))
 
 
 def two_node_plan():
     """lab1 (10.0.0.2, the master, 1 slot) and lab2 (10.0.0.3, 2 slots), on CPU."""
-    from deepfleet.plan import ClusterPlan, PlannedNode
+    from deepfleet.planning.plan import ClusterPlan, PlannedNode
 
     nodes = (
         PlannedNode("lab1", "10.0.0.2", 1, "cpu", 0),
