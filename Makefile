@@ -123,8 +123,9 @@ test-slow: images
 test-node: images
 	scripts/test-node.sh $(FLAVOR)
 
+# ruff, then the layers of pyproject.toml's [tool.importlinter] (which folder may import which)
 lint: venv
-	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check . && $(VENV)/bin/ruff check . && $(VENV)/bin/lint-imports
 
 fmt: venv
 	$(VENV)/bin/ruff format . && $(VENV)/bin/ruff check --fix .

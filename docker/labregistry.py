@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from docker.errors import DockerException, NotFound
 
-from deepfleet.transfer import tar_files
+from deepfleet.machines.transfer import tar_files
 
 PORT = 5443  # not 5000: the docker-registry package's own service listens there
 CONTAINER_SUFFIX = "registry"

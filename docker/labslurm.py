@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass
 
-from deepfleet.transfer import tar_files
+from deepfleet.machines.transfer import tar_files
 
 CLUSTER = "deepfleet-lab"
 PARTITION = "lab"

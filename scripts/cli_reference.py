@@ -111,12 +111,12 @@ def _shape(action: argparse.Action) -> tuple:
 
 
 def load_parser(factory: Callable[[], argparse.ArgumentParser] | None = None):
-    """factory() (deepfleet.cli.parser by default) built so that its defaults read the same
+    """factory() (deepfleet.cli.main.parser by default) built so that its defaults read the same
     on every machine: a default taken from an environment variable shows as `$NAME`, one
     that depends on whether a path exists shows both values. Without this, exporting
     DEEPFLEET_SSH_CONFIG or having /opt/wheels would make the README differ per machine."""
     if factory is None:
-        from deepfleet.cli import parser as factory
+        from deepfleet.cli.main import parser as factory
 
     log = _ReadLog(os.environ)
     with _world(log, paths_exist=False):
@@ -349,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                 current.splitlines(keepends=True),
                 wanted.splitlines(keepends=True),
                 f"{args.readme} (command reference)",
-                "deepfleet.cli.parser()",
+                "deepfleet.cli.main.parser()",
             )
         )
         print(f"cli_reference: {args.readme} is out of date; run: {FIX}", file=sys.stderr)

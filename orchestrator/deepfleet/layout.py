@@ -21,3 +21,4 @@ LOGS = f"{WORKDIR}/logs"
 SSH_DIR = "/root/.ssh"  # the cluster key, the ssh config and known_hosts
 CLUSTER_KEY = f"{SSH_DIR}/deepfleet_cluster"
 TORCH_EXTENSIONS_DIR = "/opt/deepfleet/torch_extensions"  # DeepSpeed's ops, built in the image
+RELAY_PORT = 29610  # each machine but the first takes the image on it from the one before

@@ -191,9 +191,9 @@ def test_cuda_asked_of_a_machine_without_nvidia_is_refused_before_anything_start
 def test_a_rebuilt_image_streams_only_its_new_layers(cluster, outer_docker, tmp_path):
     import io
 
-    from deepfleet.connect import connect
-    from deepfleet.images import ensure_image
-    from deepfleet.inventory import resolve
+    from deepfleet.images.delivery import ensure_image
+    from deepfleet.inventory.sshconfig import resolve
+    from deepfleet.machines.connect import connect
 
     dockerfile = b"FROM deepfleet/cpu:latest\nRUN echo rebuilt > /opt/deepfleet/rebuilt\n"
     ref = "deepfleet-test/derived:1"

@@ -427,10 +427,10 @@ def test_an_image_load_that_stops_progressing_fails_naming_the_node(
 ):
     import io
 
-    from deepfleet import images
-    from deepfleet.connect import connect
     from deepfleet.errors import ImageError
-    from deepfleet.inventory import resolve
+    from deepfleet.images import delivery
+    from deepfleet.inventory.sshconfig import resolve
+    from deepfleet.machines.connect import connect
 
     # 64 MB of new layer: more than every buffer between here and the frozen engine
     dockerfile = (
@@ -439,7 +439,7 @@ def test_an_image_load_that_stops_progressing_fails_naming_the_node(
     )
     ref = "deepfleet-test/stall:1"
     outer_docker.images.build(fileobj=io.BytesIO(dockerfile), tag=ref, rm=True, forcerm=True)
-    plain = images._file_chunks
+    plain = delivery._file_chunks
     froze: list[float] = []
 
     def freezing_chunks(path):
@@ -449,13 +449,13 @@ def test_an_image_load_that_stops_progressing_fails_naming_the_node(
                 on_machine(cluster, 2, "pkill", "-STOP", "-x", "dockerd")
                 froze.append(time.monotonic())
 
-    monkeypatch.setattr(images, "_file_chunks", freezing_chunks)
+    monkeypatch.setattr(delivery, "_file_chunks", freezing_chunks)
     monkeypatch.setenv("DEEPFLEET_STALL_TIMEOUT", "8")
     node = resolve(["lab3"], cluster.lab.ssh_config).nodes[0]
     client = connect(node)
     try:
         with pytest.raises(ImageError) as info:
-            images.ensure_image(outer_docker, client, ref, "lab3")
+            delivery.ensure_image(outer_docker, client, ref, "lab3")
         took = time.monotonic() - froze[0]
         line = info.value.one_line()
         assert line.startswith(f"lab3: loading {ref} made no progress for 8 s"), line

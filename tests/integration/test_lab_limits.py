@@ -14,7 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from labtools import cpu_share, lab_index, lab_module, oom_kills
 
-from deepfleet import reports
+from deepfleet.planning import reports
 
 pytestmark = pytest.mark.lab
 

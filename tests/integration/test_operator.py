@@ -16,7 +16,7 @@ import jsonschema
 import pytest
 from labtools import DEEPFLEET, ROOT
 
-from deepfleet import status as status_module
+from deepfleet.health import status as status_module
 
 pytestmark = pytest.mark.lab
 

@@ -14,9 +14,9 @@ import docker
 import pytest
 import requests
 
-from deepfleet import images, published, registry
 from deepfleet.errors import ImageError
-from deepfleet.manifest import read_manifest
+from deepfleet.images import delivery, published, registry
+from deepfleet.images.manifest import read_manifest
 
 pytestmark = pytest.mark.lab
 
@@ -74,7 +74,7 @@ def test_push_then_pull_by_digest_keeps_the_image_id(loopback_registry, tmp_path
         published.record(entry)
         assert entry["image_id"] == image_id and entry["ref"].startswith(loopback_registry)
         # this machine finds its own image for the digest, for the fallback stream
-        assert images.local_source(client, entry["ref"]) == (source, image_id)
+        assert delivery.local_source(client, entry["ref"]) == (source, image_id)
         assert registry.pull(client, entry["ref"], "here", None, read_manifest()) == image_id
         digests = client.images.get(image_id).attrs["RepoDigests"]
         assert entry["ref"] in digests

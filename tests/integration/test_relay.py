@@ -15,9 +15,10 @@ import tarfile
 import pytest
 from labtools import lab_index
 
-from deepfleet import fanout, progress, relay
-from deepfleet.connect import connect
-from deepfleet.inventory import resolve
+from deepfleet import progress
+from deepfleet.images import fanout, relay
+from deepfleet.inventory.sshconfig import resolve
+from deepfleet.machines.connect import connect
 
 pytestmark = pytest.mark.lab
 PAYLOAD_MB = 24

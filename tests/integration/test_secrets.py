@@ -23,7 +23,7 @@ import pytest
 from hubstub import HubStub, network_gateway
 from labtools import DEEPFLEET, ROOT, lab_module
 
-from deepfleet.jobs import HUB_FILES
+from deepfleet.jobs.submit import HUB_FILES
 
 pytestmark = pytest.mark.lab
 

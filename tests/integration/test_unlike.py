@@ -121,7 +121,7 @@ def test_bridge_trains_one_model_across_every_machine(unlike):
         timeout=1200,
     )  # fmt: skip
     out = result.stdout
-    assert "deepfleet_node.bridge" in out and "3 ranks on 3 machine(s), backend gloo" in out
+    assert "deepfleet_node.train.bridge" in out and "3 ranks on 3 machine(s), backend gloo" in out
     losses = [loss for _, loss in steps(out)]
     assert len(losses) == 3 and losses[-1] < losses[0], out[-3000:]
     code, _ = unlike.node_exec(0, ["test", "-f", "/workspace/checkpoints/bridge/final/config.json"])

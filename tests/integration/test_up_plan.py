@@ -14,7 +14,7 @@ import subprocess
 import pytest
 from labtools import DEEPFLEET, ROOT
 
-from deepfleet import upplan
+from deepfleet.cluster import upplan
 
 pytestmark = pytest.mark.lab
 

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from deepfleet import cli
+from deepfleet.cli import common
+from deepfleet.cli import main as cli
 
 
 def test_every_job_option_the_makefile_passes_parses():
@@ -10,12 +11,12 @@ def test_every_job_option_the_makefile_passes_parses():
         ["infer", "--run", "r", "--prompts", "p.jsonl", "--output", "o.jsonl",
          "--max-new-tokens", "8", "--slots", "lab1=2 lab2=1", "--mode", "tp"]
     )  # fmt: skip
-    assert cli._slots(args.slots) == {"lab1": 2, "lab2": 1} and args.mode == "tp"
+    assert common.parse_slots(args.slots) == {"lab1": 2, "lab2": 1} and args.mode == "tp"
     args = cli.parser().parse_args(
         ["train", "--model", "m", "--data", "d", "--config", "zero3", "--run", "r",
          "--epochs", "2", "--slots", "a=1", "--save-every", "5", "--resume"]
     )  # fmt: skip
-    assert args.epochs == 2.0 and args.resume and cli._slots(args.slots) == {"a": 1}
+    assert args.epochs == 2.0 and args.resume and common.parse_slots(args.slots) == {"a": 1}
 
 
 def test_bad_slots_are_one_clear_error(capsys, tmp_path: Path):
@@ -40,12 +41,13 @@ def test_bad_inventory_exits_1_with_one_line(capsys, tmp_path: Path, node):
 
 
 def test_an_unforeseen_failure_is_one_line_without_a_traceback(capsys, monkeypatch, tmp_path):
-    from deepfleet import cli
+    from deepfleet.cli import cluster as cluster_cli
+    from deepfleet.cli import main as cli
 
     def broken(args):
         raise RuntimeError("first line\nsecond line")
 
-    monkeypatch.setattr(cli, "cmd_status", broken)
+    monkeypatch.setattr(cluster_cli, "cmd_status", broken)
     monkeypatch.delenv("DEEPFLEET_DEBUG", raising=False)
     parser = cli.parser()
     monkeypatch.setattr(cli, "parser", lambda: parser)
@@ -62,7 +64,7 @@ def test_plan_from_report_files_names_who_sits_out_and_the_override(tmp_path, ca
 
     from unitdata import detect_report
 
-    from deepfleet import cli
+    from deepfleet.cli import main as cli
 
     gpu = {"index": 0, "vendor": "nvidia", "name": "NVIDIA GeForce RTX 4090",
            "memory_bytes": 24 << 30, "compute_capability": "8.9", "driver": "580.65"}  # fmt: skip
@@ -91,7 +93,7 @@ def test_plan_with_a_model_shape_gives_the_memory_verdict_and_auto_config(tmp_pa
 
     from unitdata import detect_report
 
-    from deepfleet import cli
+    from deepfleet.cli import main as cli
 
     for name, limit in (("big", None), ("small", 2 << 30)):
         (tmp_path / f"{name}.json").write_text(json.dumps(detect_report(
@@ -123,7 +125,7 @@ def save_desk_and_laptop(state_dir, laptop: dict) -> None:
     """A saved cluster of a desktop with an RTX 4090 and a laptop without a GPU."""
     from unitdata import detect_report, inv
 
-    from deepfleet.state import ClusterState, NodeState, StateStore
+    from deepfleet.machines.state import ClusterState, NodeState, StateStore
 
     gpu = {"index": 0, "vendor": "nvidia", "name": "NVIDIA GeForce RTX 4090",
            "memory_bytes": 24 << 30, "compute_capability": "8.9", "driver": "580.65"}  # fmt: skip
@@ -149,10 +151,10 @@ def test_train_dry_run_prints_the_split_and_the_launch_a_bridge_job_would_run(tm
     assert "micro-batch per rank: desk 3" in out and "--balance speed" in out
     assert cli.main(base + ["--bridge"]) == 0
     out = capsys.readouterr().out
-    assert "2 ranks on 2 machine(s), backend gloo, per-rank" in out
+    assert "2 ranks on 2 machine(s), backend gloo, precision per rank bf16,fp32" in out
     assert "micro-batch per rank: desk 5, laptop 1" in out
-    assert "--module deepfleet_node.bridge" in out and "--deepspeed-config" not in out
-    assert "--precision auto" in out
+    assert "--module deepfleet_node.train.bridge" in out and "--deepspeed-config" not in out
+    assert "--precision bf16,fp32" in out  # the operator's decision, one per rank
 
 
 def test_serve_dry_run_puts_a_replica_on_the_gpu_desk_and_the_laptop(tmp_path, capsys):

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from deepfleet.cli import parser
+from deepfleet.cli.main import parser
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location(
@@ -40,7 +40,7 @@ def test_readme_matches_the_parser():
     start, end = ref.section_bounds(text)
     wanted = ref.wanted_section(ref.render(ref.load_parser()))
     assert text[start:end] == wanted, (
-        f"README.md's command reference differs from deepfleet.cli.parser(); run: {ref.FIX}"
+        f"README.md's command reference differs from deepfleet.cli.main.parser(); run: {ref.FIX}"
     )
 
 

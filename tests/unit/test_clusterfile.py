@@ -3,9 +3,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deepfleet import clusterfile
 from deepfleet.errors import ClusterFileError, InventoryError
-from deepfleet.inventory import NodeSpec, resolve
+from deepfleet.inventory import clusterfile
+from deepfleet.inventory.nodes import NodeSpec
+from deepfleet.inventory.sshconfig import resolve
 
 
 @pytest.fixture

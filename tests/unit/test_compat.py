@@ -10,15 +10,15 @@ import json
 import pytest
 from unitdata import Runner, detect, detect_report, inv, recorded, rep
 
-from deepfleet import reports
-from deepfleet.compat import (
+from deepfleet.errors import PlanError
+from deepfleet.planning import reports
+from deepfleet.planning.compat import (
     cuda_arch_supported,
     driver_cuda_major,
     effective_accelerator,
     node_problems,
 )
-from deepfleet.errors import PlanError
-from deepfleet.plan import plan_cluster
+from deepfleet.planning.plan import plan_cluster
 
 # What torch 2.13.0 (PyPI, CUDA 13.0) in deepfleet/cuda reports, read from the built image.
 CU130_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120"]

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from deepfleet import compose
-from deepfleet.containers import run_kwargs
 from deepfleet.errors import ContainerError
+from deepfleet.machines.containers import run_kwargs
+from deepfleet.planning import compose
 
 
 def test_cpu_spec_from_the_shipped_file():

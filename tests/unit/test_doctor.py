@@ -10,10 +10,10 @@ import time
 
 import pytest
 
-from deepfleet import doctor
-from deepfleet.doctor import GIB, UNLIMITED, Check
 from deepfleet.errors import ConnectError
-from deepfleet.inventory import NodeSpec
+from deepfleet.health import doctor
+from deepfleet.health.doctor import GIB, UNLIMITED, Check
+from deepfleet.inventory.nodes import NodeSpec
 
 NODE = NodeSpec("lab2", "172.18.0.3", "root", 22, "/lab/id_ed25519", "/lab/known_hosts")
 
@@ -427,12 +427,12 @@ def test_check_disk_fails_when_the_load_cannot_fit():
 
 def test_check_disk_counts_the_layers_the_machine_already_has():
     local = FakeEngine({REF: FakeImage(4 * GIB, LAYERS, HISTORY)})
-    from deepfleet import images
+    from deepfleet.images import delivery
 
-    bottom = images.chain_ids(LAYERS)[:1]
+    bottom = delivery.chain_ids(LAYERS)[:1]
     older = FakeImage(1, LAYERS[:1], [])  # an older build: the same base layer
     machine = FakeEngine({"deepfleet/cpu:old": older})
-    assert images.node_chains(machine) == set(bottom)
+    assert delivery.node_chains(machine) == set(bottom)
     run = fake_run({"df -Pk": df_answer(7 * GIB // 1024)})
     check = doctor.check_disk("lab2", machine, run, INFO, local, REF, present=False)
     assert check.level == "ok" and "needs ~6.0 GiB" in check.detail  # 2 x the 3 GiB top layer

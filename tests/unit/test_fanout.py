@@ -6,7 +6,8 @@ import io
 import shlex
 import subprocess
 
-from deepfleet import fanout, progress, relay
+from deepfleet import progress
+from deepfleet.images import fanout, relay
 
 REF = "deepfleet/cpu:latest"
 ADDR = {"a": "10.0.0.1", "b": "10.0.0.2", "c": "10.0.0.3", "d": "10.0.0.4"}

@@ -3,11 +3,11 @@ import json
 import pytest
 from unitdata import detect_report
 
-from deepfleet import reports
 from deepfleet.errors import PlanError
-from deepfleet.inferplan import choose
-from deepfleet.inventory import Inventory, NodeSpec
-from deepfleet.plan import plan_cluster
+from deepfleet.inventory.nodes import Inventory, NodeSpec
+from deepfleet.planning import reports
+from deepfleet.planning.inferplan import choose
+from deepfleet.planning.plan import plan_cluster
 
 GB = 10**9
 

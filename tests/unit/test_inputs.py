@@ -7,8 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from deepfleet import inputs, jobs, transfer
 from deepfleet.errors import DeepfleetError, InputError
+from deepfleet.jobs import inputs, submit
+from deepfleet.machines import transfer
 
 
 def _fails(call, *args) -> str:
@@ -181,18 +182,18 @@ def test_no_prompts(tmp_path: Path):
 
 
 def test_inline_prompts(tmp_path: Path):
-    records = jobs._prompt_records(jobs.InferRequest(prompts=["a b", "c"]))
+    records = submit._prompt_records(submit.InferRequest(prompts=["a b", "c"]))
     assert records == b'{"prompt": "a b"}\n{"prompt": "c"}\n'
     for prompts in ([], [""], ["", "  "]):
         with pytest.raises(
             InputError, match=r"^no prompt given \(PROMPT=\.\.\. or PROMPTS=file\)$"
         ):
-            jobs._prompt_records(jobs.InferRequest(prompts=prompts))
+            submit._prompt_records(submit.InferRequest(prompts=prompts))
     with pytest.raises(InputError, match="^--prompt 2 of 3 is empty$"):
-        jobs._prompt_records(jobs.InferRequest(prompts=["a", " ", "c"]))
+        submit._prompt_records(submit.InferRequest(prompts=["a", " ", "c"]))
     path = _write(tmp_path / "p.jsonl", "{}\n")
     with pytest.raises(InputError, match=':1: row has no "prompt"'):
-        jobs._prompt_records(jobs.InferRequest(prompts_file=str(path)))
+        submit._prompt_records(submit.InferRequest(prompts_file=str(path)))
 
 
 # ---------------------------------------------------------------- model folders

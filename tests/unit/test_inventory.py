@@ -3,7 +3,8 @@ from pathlib import Path
 import pytest
 
 from deepfleet.errors import InventoryError
-from deepfleet.inventory import parse_node_arg, resolve
+from deepfleet.inventory.nodes import parse_node_arg
+from deepfleet.inventory.sshconfig import resolve
 
 
 @pytest.mark.parametrize(

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from deepfleet import compose, flavors, layout, plan
+from deepfleet import layout
+from deepfleet.planning import compose, flavors, plan
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -12,10 +12,9 @@ import pytest
 from unitdata import two_node_plan
 
 from deepfleet.errors import JobError
-from deepfleet.execstream import ExecStream, Frame
-from deepfleet.jobrun import _outcome
-from deepfleet.launch import LaunchResult, LinePrefixer
-from deepfleet.watchdog import (
+from deepfleet.jobs.jobrun import _outcome
+from deepfleet.jobs.launch import LaunchResult, LinePrefixer
+from deepfleet.jobs.watchdog import (
     LivenessPolicy,
     NodeAnswer,
     Watchdog,
@@ -23,6 +22,7 @@ from deepfleet.watchdog import (
     parse_heartbeats,
     verdict,
 )
+from deepfleet.machines.execstream import ExecStream, Frame
 
 
 def test_heartbeat_ages_are_measured_on_the_nodes_own_clock():
@@ -236,7 +236,7 @@ def test_an_engine_refusal_in_a_job_step_is_one_line_naming_the_node():
     import docker
 
     from deepfleet.errors import ContainerError
-    from deepfleet.jobrun import run_on
+    from deepfleet.jobs.jobrun import run_on
 
     class Api:
         def exec_create(self, container, argv):
@@ -294,7 +294,7 @@ def test_a_lease_renewal_in_flight_at_stop_lands_before_the_release():
 def test_an_engine_that_does_not_answer_is_one_line_without_requests_text():
     import requests
 
-    from deepfleet.connect import docker_cause, fan_out
+    from deepfleet.machines.connect import docker_cause, fan_out
 
     def ask(name):
         raise requests.exceptions.ReadTimeout(

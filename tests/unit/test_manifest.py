@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 
-from deepfleet.build import LOCAL_BASE, TORCH_LABELS, BuildRequest, build_args, wheel_fits
 from deepfleet.errors import ImageError
-from deepfleet.manifest import images_dir, read_manifest, torch_index
+from deepfleet.images.build import LOCAL_BASE, TORCH_LABELS, BuildRequest, build_args, wheel_fits
+from deepfleet.images.manifest import images_dir, read_manifest, torch_index
 
 IMAGES = images_dir()
 FLAVORS = ("cpu", "cuda", "rocm")
@@ -272,7 +272,7 @@ def test_flavors_share_one_layout():
 
 @pytest.mark.parametrize("flavor", FLAVORS)
 def test_labels_say_what_the_image_carries(flavor):
-    from deepfleet.images import CUDA_LABEL
+    from deepfleet.images.delivery import CUDA_LABEL
 
     labels = " ".join(
         args for word, args in instructions(dockerfile_text(flavor)) if word == "LABEL"

@@ -11,10 +11,12 @@ import jsonschema
 import pytest
 from unitdata import two_node_plan
 
-from deepfleet import joblogs, machine_exec, status
-from deepfleet.inventory import NodeSpec
-from deepfleet.launch import LinePrefixer
-from deepfleet.state import ClusterState, NodeState
+from deepfleet.health import status
+from deepfleet.inventory.nodes import NodeSpec
+from deepfleet.jobs import joblogs
+from deepfleet.jobs.launch import LinePrefixer
+from deepfleet.machines import interactive
+from deepfleet.machines.state import ClusterState, NodeState
 
 # Lines recorded from the lab's demo (deepfleet -v), by what a person needs to see.
 CHATTER = [
@@ -229,7 +231,7 @@ def test_the_shell_is_ssh_with_deepfleets_own_host_user_key_and_pinned_keys(tmp_
     config.write_text("Host lab2\n  HostName 172.18.0.3\n")
     state = ClusterState("c1", "", [NodeState(spec, "cpu", container_name="deepfleet-node")],
                          ssh_config=str(config))  # fmt: skip
-    argv = machine_exec.shell_argv(state, "lab2")
+    argv = interactive.shell_argv(state, "lab2")
     assert argv[1:] == [
         "-t", "-p", "2200", "-l", "root", "-F", str(config), "-i", "/keys/id",
         "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={tmp_path / 'kh'}",
@@ -237,13 +239,14 @@ def test_the_shell_is_ssh_with_deepfleets_own_host_user_key_and_pinned_keys(tmp_
         "docker exec -it -w /workspace deepfleet-node bash",
     ]  # fmt: skip
     with pytest.raises(Exception, match="no machine 'lab9' in this cluster"):
-        machine_exec.shell_argv(state, "lab9")
+        interactive.shell_argv(state, "lab9")
 
 
 def test_init_writes_a_cluster_file_that_up_reads_as_the_nodes_it_came_from(
     tmp_path, capsys, monkeypatch
 ):
-    from deepfleet import cli
+    from deepfleet.cli import cluster as cluster_cli
+    from deepfleet.cli import main as cli
 
     monkeypatch.chdir(tmp_path)
     config = tmp_path / "ssh_config"
@@ -257,10 +260,10 @@ def test_init_writes_a_cluster_file_that_up_reads_as_the_nodes_it_came_from(
     assert (tmp_path / "cluster.yaml").read_text().startswith("#")
     # what up would be given (a dry run probes the machines: none exist here)
     given = cli.parser().parse_args
-    from_words = cli.up_request(
+    from_words = cluster_cli.up_request(
         given(["up", "--ssh-config", str(config), "--slots", "lab1=2", *words])
     )
-    from_file = cli.up_request(given(["up", "--cluster-file", "cluster.yaml"]))
+    from_file = cluster_cli.up_request(given(["up", "--cluster-file", "cluster.yaml"]))
     assert from_file == from_words
     lab2 = from_words[0].nodes[1]
     assert (lab2.user, lab2.host, lab2.port, lab2.flavor) == ("admin", "172.18.0.3", 2200, "cpu")

@@ -3,9 +3,9 @@ import json
 import pytest
 from unitdata import detect_report, inv, rep
 
-from deepfleet import hostfile, reports
 from deepfleet.errors import PlanError, ReportError
-from deepfleet.plan import check_versions, plan_cluster
+from deepfleet.planning import hostfile, reports
+from deepfleet.planning.plan import check_versions, plan_cluster
 
 
 def gpu(i, name="NVIDIA H100 80GB HBM3"):

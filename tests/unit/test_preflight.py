@@ -22,9 +22,10 @@ import docker
 import pytest
 from unitdata import inv, rep
 
-from deepfleet import doctor, preflight
 from deepfleet.errors import PreflightError
-from deepfleet.plan import ClusterPlan, PlannedNode, plan_cluster
+from deepfleet.health import doctor
+from deepfleet.machines import preflight
+from deepfleet.planning.plan import ClusterPlan, PlannedNode, plan_cluster
 
 NODE_PATH = Path(__file__).resolve().parents[2] / "images" / "node"
 LOOPBACK = "127.0.0.1"

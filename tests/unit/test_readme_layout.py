@@ -35,10 +35,31 @@ def test_every_path_in_the_layout_exists():
             candidates = [base / name, base / f"{name}.py", base / "node" / name,
                           base / "node" / "deepfleet_node" / name,
                           base / "node" / "deepfleet_node" / f"{name}.py",
-                          base / "node" / "deepfleet_node" / "detect" / f"{name}.py"]  # fmt: skip
+                          base / "node" / "deepfleet_node" / "detect" / f"{name}.py",
+                          base / "detect" / f"{name}.py"]  # fmt: skip
             assert any(c.exists() for c in candidates), f"{path}: {name}"
 
 
 def test_every_top_level_folder_is_in_the_layout():
     named = {path.split("/")[0] + "/" for path, _ in _layout_rows()}
     assert _tracked_top_level() <= named, _tracked_top_level() - named
+
+
+def test_every_package_has_a_row_naming_each_of_its_modules():
+    """A newcomer finds the place for a change from the README: each folder of the
+    orchestrator and of the node package has its row, and the row names every module."""
+    rows = dict(_layout_rows())
+    packages = [
+        d for base in ("orchestrator/deepfleet", "images/node/deepfleet_node")
+        for d in sorted((ROOT / base).iterdir()) if (d / "__init__.py").exists()
+    ]  # fmt: skip
+    assert packages
+    for package in packages:
+        path = f"{package.relative_to(ROOT).as_posix()}/"
+        if package.name == "detect":  # named with its tool families in the node row
+            assert "`detect/`" in rows["images/node/deepfleet_node/"]
+            continue
+        assert path in rows, f"README layout has no row for {path}"
+        named = set(re.findall(r"`([\w.-]+)`", rows[path]))
+        modules = {p.stem for p in package.glob("*.py") if not p.stem.startswith("__")}
+        assert modules <= named, f"{path}: README does not name {sorted(modules - named)}"

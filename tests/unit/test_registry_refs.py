@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-from deepfleet import published, registry
 from deepfleet.errors import ImageError
-from deepfleet.manifest import read_manifest
+from deepfleet.images import published, registry
+from deepfleet.images.manifest import read_manifest
 
 DIGEST = "sha256:" + "ab" * 32
 IMAGE_ID = "sha256:" + "cd" * 32
@@ -120,7 +120,7 @@ def test_the_released_record_is_valid():
 
 
 def test_up_image_published_is_the_newest_push_of_each_flavor(tmp_path, monkeypatch):
-    from deepfleet.cluster import UpOptions, image_for
+    from deepfleet.cluster.session import UpOptions, image_for
 
     monkeypatch.setenv("DEEPFLEET_PUBLISHED", str(tmp_path / "published.json"))
     published.record(_entry())

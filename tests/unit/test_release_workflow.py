@@ -8,8 +8,8 @@ from pathlib import Path
 
 import yaml
 
-from deepfleet.build import FLAVORS
-from deepfleet.manifest import read_manifest
+from deepfleet.images.build import FLAVORS
+from deepfleet.images.manifest import read_manifest
 
 WORKFLOW = Path(__file__).resolve().parents[2] / ".github" / "workflows" / "release.yml"
 
@@ -43,7 +43,7 @@ def test_no_version_is_written_into_the_workflow():
 
 
 def test_the_record_it_commits_is_the_file_the_cli_reads():
-    from deepfleet import published
+    from deepfleet.images import published
 
     text = WORKFLOW.read_text()
     assert "DEEPFLEET_PUBLISHED: published-${{ matrix.flavor }}.json" in text

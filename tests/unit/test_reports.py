@@ -8,8 +8,8 @@ import pytest
 from detectdata import AMD_2, NVIDIA_4, NVIDIA_MIG, FakeRunner
 from unitdata import detect, detect_report, recorded, rep
 
-from deepfleet import reports
 from deepfleet.errors import ReportError
+from deepfleet.planning import reports
 
 GiB = 1 << 30
 

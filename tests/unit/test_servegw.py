@@ -22,14 +22,14 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from unitdata import detect_report
 
-from deepfleet import reports
 from deepfleet.errors import PlanError
-from deepfleet.inventory import Inventory, NodeSpec
-from deepfleet.plan import plan_cluster
-from deepfleet.servegw import GatewaySettings, make_app
-from deepfleet.servejob import ServeError, check_listen, model_id, record_write_sh
-from deepfleet.serveplan import describe, plan_service
-from deepfleet.servepool import DOWN, READY, Pool, ReplicaState
+from deepfleet.inventory.nodes import Inventory, NodeSpec
+from deepfleet.planning import reports
+from deepfleet.planning.plan import plan_cluster
+from deepfleet.planning.serveplan import describe, plan_service
+from deepfleet.serving.gateway import GatewaySettings, make_app
+from deepfleet.serving.pool import DOWN, READY, Pool, ReplicaState
+from deepfleet.serving.service import ServeError, check_listen, model_id, record_write_sh
 
 GB = 10**9
 LLAMA2_7B = 6_738_415_616  # LlamaConfig() on the meta device
@@ -337,8 +337,8 @@ def test_an_api_key_is_required_when_set():
 def test_a_replica_that_cannot_restart_is_retried_until_its_machine_is_back():
     import io
 
-    from deepfleet.servejob import Listen, Service
-    from deepfleet.serveplan import Replica, ServePlan
+    from deepfleet.planning.serveplan import Replica, ServePlan
+    from deepfleet.serving.service import Listen, Service
 
     replica = StandIn()
 

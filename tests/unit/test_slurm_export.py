@@ -15,24 +15,27 @@ from pathlib import Path
 
 import pytest
 
-from deepfleet import jobs, slurm
 from deepfleet.errors import DeepfleetError
-from deepfleet.slurm import SlurmRequest
+from deepfleet.export import slurm
+from deepfleet.export.slurm import SlurmRequest
+from deepfleet.jobs import submit
 
 ROOT = Path(__file__).resolve().parents[2]
 
 
 def script(**kw) -> str:
-    train = kw.pop("train", jobs.TrainRequest(run="sl", steps=30))
+    train = kw.pop("train", submit.TrainRequest(run="sl", steps=30))
     return slurm.render(SlurmRequest(train=train, **kw))
 
 
 def test_the_ranks_get_the_lan_jobs_own_arguments():
-    req = jobs.TrainRequest(run="sl", steps=30, config="zero3", micro_batch=2, seq_len=32)
+    req = submit.TrainRequest(run="sl", steps=30, config="zero3", micro_batch=2, seq_len=32)
     text = script(train=req)
     line = next(x for x in text.splitlines() if x.startswith("srun --kill-on-bad-exit"))
     inner = shlex.split(shlex.split(line)[-1])  # bash -c '<this>'
-    args = jobs.train_args(req, jobs.DEMO_MODEL, f"{jobs.DEMO_DATA}/train.txt", "auto", "zero3")
+    args = submit.train_args(
+        req, submit.DEMO_MODEL, f"{submit.DEMO_DATA}/train.txt", "auto", "zero3"
+    )
     assert inner[inner.index("--module") + 2 :] == args
     assert inner[:3] == ["in_node_image", "deepspeed", "--no_ssh"]
     assert "--node_rank=$SLURM_NODEID" in inner and "--master_addr=$MASTER_ADDR" in inner
@@ -73,7 +76,7 @@ def test_apptainer_and_enroot():
 
 
 def test_cluster_paths_are_mounted_read_only_where_they_are():
-    req = jobs.TrainRequest(run="sl", model="/lustre/m/llama", data="/lustre/d/train.jsonl")
+    req = submit.TrainRequest(run="sl", model="/lustre/m/llama", data="/lustre/d/train.jsonl")
     text = script(train=req)
     assert "-v /lustre/m/llama:/lustre/m/llama:ro" in text
     assert "-v /lustre/d/train.jsonl:/lustre/d/train.jsonl:ro" in text
@@ -87,8 +90,8 @@ def test_cluster_paths_are_mounted_read_only_where_they_are():
         ({"flavor": "cuda"}, "needs --gpus-per-node"),
         ({"nodes": 0}, "--nodes 0"),
         ({"env": {"1BAD": "x"}}, "--env 1BAD"),
-        ({"train": jobs.TrainRequest(model="./here")}, "absolute path it has on the cluster"),
-        ({"train": jobs.TrainRequest(run="../x")}, "bad run name"),
+        ({"train": submit.TrainRequest(model="./here")}, "absolute path it has on the cluster"),
+        ({"train": submit.TrainRequest(run="../x")}, "bad run name"),
     ],
 )
 def test_what_cannot_run_is_refused_in_one_line(kw, said):
@@ -128,7 +131,7 @@ def test_bash_runs_it_and_each_node_starts_its_own_rank(tmp_path):
         (bin_dir / name).chmod(0o755)
     path = tmp_path / "job.sbatch"
     path.write_text(
-        script(train=jobs.TrainRequest(run="sl", steps=7, model="/m/tiny", data="/d/train.txt"))
+        script(train=submit.TrainRequest(run="sl", steps=7, model="/m/tiny", data="/d/train.txt"))
     )
     record = tmp_path / "record"
     env = {

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from unitdata import detect_report, two_node_plan
 
-from deepfleet import keys, transfer
 from deepfleet.errors import StateError
-from deepfleet.inventory import NodeSpec
-from deepfleet.launch import LinePrefixer, launch_spec
-from deepfleet.state import ClusterState, NodeState, StateStore
+from deepfleet.inventory.nodes import NodeSpec
+from deepfleet.jobs.launch import LinePrefixer, launch_spec
+from deepfleet.machines import keys, transfer
+from deepfleet.machines.state import ClusterState, NodeState, StateStore
 
 
 def test_state_round_trip_is_atomic_and_private(tmp_path: Path):

@@ -9,19 +9,19 @@ import json
 import pytest
 from unitdata import inv, rep
 
-from deepfleet import memfit, trainplan
 from deepfleet.errors import PlanError
-from deepfleet.hostfile import render_hostfile
-from deepfleet.launch import launcher_argv
-from deepfleet.plan import plan_cluster
+from deepfleet.jobs.launch import launcher_argv
+from deepfleet.planning import memory, trainplan
+from deepfleet.planning.hostfile import render_hostfile
+from deepfleet.planning.plan import plan_cluster
 
 GIB = 1 << 30
-LLAMA2_7B = memfit.ModelShape(
+LLAMA2_7B = memory.ModelShape(
     params=6_738_415_616, largest_layer_params=32000 * 4096, layers=32, hidden_size=4096,
     heads=32, vocab_size=32000, name="Llama-2-7B",
 )  # fmt: skip
 # a 125M model (GPT-2 small's shape): fits a laptop
-SMALL = memfit.ModelShape(125_000_000, 50257 * 768, 12, 768, 12, 50257, "small")
+SMALL = memory.ModelShape(125_000_000, 50257 * 768, 12, 768, 12, 50257, "small")
 CU130_ARCHS = ["sm_75", "sm_80", "sm_86", "sm_90", "sm_100", "sm_120", "compute_120"]
 
 
@@ -122,7 +122,7 @@ def test_zero3_partitions_states_so_a_model_too_big_for_each_gpu_fits_across_the
     gpu0 = tp.verdict.devices[0]
     # 4 x largest layer + 18 bytes x P / 8 GPUs, the gathered working set, activations
     states = 4 * LLAMA2_7B.largest_layer_params + int(18 * LLAMA2_7B.params / 8)
-    working = memfit.zero3_working_set(LLAMA2_7B, "zero3", "bf16")
+    working = memory.zero3_working_set(LLAMA2_7B, "zero3", "bf16")
     assert states + working < gpu0.need < 32 * GIB
 
 
@@ -153,7 +153,7 @@ def test_gpus_the_images_torch_cannot_drive_sit_out_and_the_ranks_skip_them():
 def test_a_2gib_cgroup_limit_is_the_room_that_counts():
     roomy = rep(cpu_count=2, memory_bytes=24 * GIB)
     limited = rep(cpu_count=2, memory_bytes=24 * GIB, memory_limit_bytes=2 * GIB, cpu_quota=0.3)
-    medium = memfit.ModelShape(100_000_000, 32000 * 512, 8, 512, 8, 32000, "medium")
+    medium = memory.ModelShape(100_000_000, 32000 * 512, 8, 512, 8, 32000, "medium")
     reports = {"a": roomy, "b": roomy, "c": limited}
     with pytest.raises(PlanError) as err:
         train_plan(["a", "b", "c"], reports, medium, micro=2, seq=128)
@@ -175,13 +175,13 @@ def test_a_2gib_cgroup_limit_is_the_room_that_counts():
 
 def test_memory_need_grows_with_micro_batch_and_a_smaller_one_is_offered():
     reports = {"a": rep(cpu_count=4, memory_bytes=6 * GIB)}
-    ranks = [memfit.Rank("a", 1, "cpu")]
+    ranks = [memory.Rank("a", 1, "cpu")]
     need = [
-        memfit.machine_fits(SMALL, "zero2", ranks, reports, 512, b, "fp32").devices[0].need
+        memory.machine_fits(SMALL, "zero2", ranks, reports, 512, b, "fp32").devices[0].need
         for b in (1, 4, 16)
     ]
     assert need[0] < need[1] < need[2]
-    best = memfit.largest_micro_batch(SMALL, "zero2", ranks, reports, 512, 64, "fp32")
+    best = memory.largest_micro_batch(SMALL, "zero2", ranks, reports, 512, 64, "fp32")
     assert 1 <= best < 64
     with pytest.raises(PlanError, match=f"--micro-batch {best}"):
         trainplan.plan_training(plan_cluster(inv("a"), reports), reports, SMALL, "zero2", 512, 64)
@@ -220,13 +220,15 @@ def test_a_mixed_world_keeps_every_accelerator_and_talks_over_gloo():
         ("dgx", "cuda", 8), ("amd", "rocm", 4), ("desk", "cuda", 1), ("laptop", "cpu", 1),
     ]  # fmt: skip
     assert mixed.backend == "gloo" and mixed.env["DEEPFLEET_BACKEND"] == "gloo"
-    assert mixed.precision == "per-rank" and mixed.left_out == ()
+    # the operator decides each rank's precision: bf16 on the H100s (sm 9.0), the Radeons
+    # (gfx1100, RDNA3) and the 4060 (sm 8.9), fp32 on the CPU rank
+    assert mixed.precision == ",".join(["bf16"] * 13 + ["fp32"]) and mixed.left_out == ()
     # the CPU ranks' thread pools are sized from the CPU machines only
     assert mixed.env["OMP_NUM_THREADS"] == "8"
     # --backend still narrows it to one group
     assert plan_cluster(inv(*names), reports, mixed=True, backend="rocm").backend == "nccl"
     # replicas: one copy per GPU, the CPU machine's slots
-    from deepfleet import inferplan
+    from deepfleet.planning import inferplan
 
     chosen = inferplan.choose(mixed, reports, 250_000_000, "auto")
     assert chosen.mode == "replicas" and chosen.slots == {"dgx": 8, "amd": 4, "desk": 1,
@@ -236,25 +238,25 @@ def test_a_mixed_world_keeps_every_accelerator_and_talks_over_gloo():
 def test_bridge_needs_the_whole_model_states_on_every_rank():
     reports = {"gpu": cuda_machine(nvidia(0, "NVIDIA GeForce RTX 4090", 24 * GIB, "8.9")),
                "cpu": rep(cpu_count=8, memory_bytes=32 * GIB)}  # fmt: skip
-    ranks = [memfit.Rank("gpu", 1, "cuda"), memfit.Rank("cpu", 1, "cpu")]
-    verdict = memfit.machine_fits(SMALL, memfit.BRIDGE, ranks, reports, 256, 2, "fp32")
+    ranks = [memory.Rank("gpu", 1, "cuda"), memory.Rank("cpu", 1, "cpu")]
+    verdict = memory.machine_fits(SMALL, memory.BRIDGE, ranks, reports, 256, 2, "fp32")
     gpu = verdict.devices[0]
     assert gpu.where == "GPU 0" and gpu.need > 16 * SMALL.params and verdict.fits
     with pytest.raises(PlanError, match="does not fit with bridge"):
-        memfit.check(LLAMA2_7B, memfit.BRIDGE, ranks, reports, 256, 1, "fp32")
+        memory.check(LLAMA2_7B, memory.BRIDGE, ranks, reports, 256, 1, "fp32")
 
 
 def test_speed_balance_never_hands_a_machine_more_than_its_memory_holds():
     # a fast roomy machine and a slow one; the fast one's RAM caps its share
     reports = {"fast": rep(cpu_count=8, memory_bytes=24 * GIB, memory_limit_bytes=3 * GIB),
                "slow": rep(cpu_count=1, memory_bytes=24 * GIB)}  # fmt: skip
-    medium = memfit.ModelShape(60_000_000, 32000 * 512, 8, 512, 8, 32000, "medium")
+    medium = memory.ModelShape(60_000_000, 32000 * 512, 8, 512, 8, 32000, "medium")
     tp = train_plan(["fast", "slow"], reports, medium, micro=4, seq=256)
     assert tp.caps is not None and tp.caps[0] < 8 <= tp.caps[1]
     assert tp.shares[0] == tp.caps[0] and sum(tp.shares) == 8  # 8:1 speed, held at the cap
-    ranks = [memfit.Rank("fast", 1, "cpu"), memfit.Rank("slow", 1, "cpu")]
-    at_cap = memfit.machine_fits(medium, "zero2", ranks, reports, 256, tp.caps[0], "fp32")
-    over = memfit.machine_fits(medium, "zero2", ranks, reports, 256, tp.caps[0] + 1, "fp32")
+    ranks = [memory.Rank("fast", 1, "cpu"), memory.Rank("slow", 1, "cpu")]
+    at_cap = memory.machine_fits(medium, "zero2", ranks, reports, 256, tp.caps[0], "fp32")
+    over = memory.machine_fits(medium, "zero2", ranks, reports, 256, tp.caps[0] + 1, "fp32")
     assert at_cap.devices[0].fits and not over.devices[0].fits
     assert "the most a rank's memory holds per micro-step: fast" in trainplan.describe(tp)
 
@@ -268,3 +270,18 @@ def test_a_job_on_one_machine_that_is_not_the_launchers_is_launched_over_ssh():
     assert "--force_multi" not in launcher_argv(both, "m", [], launcher_node="a")
     on_a = plan_cluster(inv("a", "b"), reports, slots={"b": 0})
     assert "--force_multi" not in launcher_argv(on_a, "m", [], launcher_node="a")
+
+
+def test_the_operator_decides_the_job_precision_from_every_gpu_once():
+    """One rule (deepfleet_node.precision) over the reports: a T4 (sm 7.5, bf16 only by
+    emulation) among A100s makes the whole job fp16; A100s alone bf16; no GPU fp32."""
+    a100 = cuda_machine(nvidia(0, "NVIDIA A100-SXM4-80GB", 80 * GIB, "8.0"))
+    t4 = cuda_machine(nvidia(0, "Tesla T4", 16 * GIB, "7.5"))
+    assert plan_cluster(inv("a", "t"), {"a": a100, "t": t4}).precision == "fp16"
+    assert plan_cluster(inv("a"), {"a": a100}).precision == "bf16"
+    mi100 = rocm_machine(
+        {"index": 0, "vendor": "amd", "name": "AMD Instinct MI100", "memory_bytes": 32 * GIB,
+         "gfx_target": "gfx908"}
+    )  # fmt: skip
+    assert plan_cluster(inv("m"), {"m": mi100}).precision == "fp16"
+    assert plan_cluster(inv("c"), {"c": rep(cpu_count=4)}).precision == "fp32"

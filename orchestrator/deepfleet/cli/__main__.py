@@ -1,0 +1,5 @@
+import sys
+
+from deepfleet.cli.main import main
+
+sys.exit(main())

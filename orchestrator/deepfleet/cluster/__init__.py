@@ -1,0 +1,1 @@
+"""The cluster's life: up, a saved cluster reopened (and healed), down."""

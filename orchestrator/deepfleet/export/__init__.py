@@ -1,0 +1,1 @@
+"""The same job for another scheduler (Slurm)."""

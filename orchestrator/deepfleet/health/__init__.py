@@ -1,0 +1,1 @@
+"""What is going on: status and doctor (they read, never change)."""

@@ -1,0 +1,1 @@
+"""`deepfleet serve`: replicas on the machines behind an OpenAI-compatible gateway."""
