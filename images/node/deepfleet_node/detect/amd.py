@@ -1,5 +1,11 @@
 """AMD: rocminfo (what ROCr and so HIP enumerate), amd-smi and rocm-smi in each of their
-output formats, and the collector that merges them."""
+output formats, and the collector that merges them.
+
+Over 400 lines on purpose: one tool family whose three tools each have several output
+formats across ROCm releases (JSON, CSV, the legacy tables), all read into one GPU record
+by the collector at the end; split up, each parser would sit away from the fields the
+collector merges it with, and the recorded outputs' tests (test_detect_amd.py) read it
+as one."""
 
 from __future__ import annotations
 
