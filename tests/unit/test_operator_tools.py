@@ -167,6 +167,10 @@ SAMPLE = {
     "job": {"name": "demo", "running": True, "held_by": "op (pid 7)", "step": 10, "steps": 60,
             "loss": 4.1234, "tokens_per_s": 6016.0, "eta_s": 41.0, "log_on": "gpu1"},
     "service": None,
+    "links": {"measured_at": 1000.0, "age_s": 90.0, "failures": [], "links": [
+        {"a": "gpu1", "b": "cpu1", "a_to_b_bps": 117e6, "b_to_a_bps": 112e6, "rtt_s": 0.0004,
+         "measured_at": 1000.0},
+    ]},
 }  # fmt: skip
 
 RECORD = {

@@ -1,5 +1,5 @@
-"""The commands that bring machines up and look after them: up, status, down, doctor,
-logs, exec, shell, init."""
+"""The commands that bring machines up and look after them: up, status, links, down,
+doctor, logs, exec, shell, init."""
 
 from __future__ import annotations
 
@@ -24,7 +24,9 @@ from deepfleet.images import relay
 from deepfleet.inventory import clusterfile
 from deepfleet.inventory.nodes import Inventory
 from deepfleet.jobs import joblogs
-from deepfleet.machines import interactive
+from deepfleet.jobs.jobrun import check_no_live_job
+from deepfleet.jobs.watchdog import LivenessPolicy
+from deepfleet.machines import interactive, links
 from deepfleet.machines.state import StateStore
 from deepfleet.planning import flavors
 
@@ -67,6 +69,34 @@ def cmd_status(args) -> int:
     else:
         print(status.render(current))
     return 0
+
+
+def cmd_links(args) -> int:
+    """Measure every link now, record it, print the table (and what doctor would mark)."""
+    store = StateStore(args.state_dir)
+    session = open_session(store, args.timeout)
+    try:
+        # a job's traffic and the measurement's would each slow the other
+        check_no_live_job(session, LivenessPolicy())
+        state = session.state
+        measured = links.measure(state, session.clients, operator=not args.no_operator)
+        state.record_links(measured.links, measured.failures, measured.measured_at)
+        store.save(state)
+    finally:
+        session.close()
+    verdicts = links.assess(measured.links)
+    if args.json:
+        table = links.as_json(measured.links, measured.failures, measured.measured_at, 0.0)
+        table["verdicts"] = [vars(v) for v in verdicts]
+        print(json.dumps(table, indent=2))
+    else:
+        print(links.render(measured.links, measured.failures, 0.0))
+        for v in verdicts:
+            print(f"slow: {v.detail}\n  fix: {v.fix}")
+        print(f"deepfleet: {measured.summary()}")
+    for line in measured.failures:
+        print(f"deepfleet: {line}", file=sys.stderr)
+    return 1 if measured.failures else 0
 
 
 def cmd_down(args) -> int:
@@ -152,6 +182,7 @@ def cmd_doctor(args) -> int:
     checks += doctor.run(nodes, local, args.image, cluster_up, args.timeout)
     if cluster_up:  # the same network checks a job's launch runs first
         checks += doctor.cluster_network_checks(store, args.timeout)
+        checks += doctor.cluster_links_checks(store, args.timeout)
     print(doctor.render(checks, ascii=doctor.wants_ascii(sys.stdout)))
     print(doctor.summary(checks))
     if doctor.blocks_up(checks):
@@ -226,6 +257,18 @@ def add_status(sub) -> None:
     st = sub.add_parser("status", help="nodes, containers, GPUs and versions")
     st.add_argument("--json", action="store_true")
     st.set_defaults(func=cmd_status)
+
+
+def add_links(sub) -> None:
+    lk = sub.add_parser(
+        "links", help="measure every link now: bandwidth each way and round-trip time"
+    )
+    lk.add_argument("--json", action="store_true", help="the table, failures and verdicts")
+    lk.add_argument(
+        "--no-operator", action="store_true",
+        help="only the links between the machines, not this machine's link to each",
+    )  # fmt: skip
+    lk.set_defaults(func=cmd_links)
 
 
 def add_down(sub) -> None:

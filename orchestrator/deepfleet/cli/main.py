@@ -16,6 +16,7 @@ from deepfleet.cli import cluster, export, images, jobs, serve
 from deepfleet.cluster.session import ClusterErrors
 from deepfleet.errors import DeepfleetError, Interrupted, JobError, raise_interrupted
 from deepfleet.machines.connect import DEFAULT_STALL, STALL_ENV, first_line
+from deepfleet.machines.links import DEFAULT_MAX_AGE, MAX_AGE_ENV
 
 DESCRIPTION = (
     "deepfleet's command line. Every DeepfleetError becomes one line on stderr and exit 1."
@@ -31,12 +32,18 @@ def parser() -> argparse.ArgumentParser:
         help=f"fail a transfer that makes no progress this long (default {DEFAULT_STALL:.0f})",
     )  # fmt: skip
     p.add_argument(
+        "--links-max-age", type=float, default=None, metavar="S",
+        help="a job measures the links again first when they were measured longer ago "
+        f"(default {DEFAULT_MAX_AGE:.0f}; 0: before every job)",
+    )  # fmt: skip
+    p.add_argument(
         "-v", "--verbose", action="store_true",
         help="show the libraries' chatter too (it always goes to the job logs)",
     )  # fmt: skip
     sub = p.add_subparsers(dest="cmd", required=True)
     cluster.add_up(sub)
     cluster.add_status(sub)
+    cluster.add_links(sub)
     cluster.add_down(sub)
     jobs.add_train(sub)
     jobs.add_infer(sub)
@@ -59,6 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     if args.stall_timeout is not None:
         os.environ[STALL_ENV] = str(args.stall_timeout)
+    if args.links_max_age is not None:
+        os.environ[MAX_AGE_ENV] = str(args.links_max_age)
     # a closed terminal, `timeout` or a service stop must undo and stop as Ctrl-C does
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, raise_interrupted)

@@ -80,9 +80,10 @@ def container_spec(node: NodeSpec, flavor: str, cluster: str, pubkey: str, opts:
 class Session:
     """Live connections to the nodes of a saved cluster."""
 
-    def __init__(self, state: ClusterState, clients: dict):
+    def __init__(self, state: ClusterState, clients: dict, store: StateStore | None = None):
         self.state = state
         self.clients = clients
+        self.store = store  # where the state is saved (what a job's link refresh records)
 
     def container(self, name: str):
         node = self.node_state(name)
@@ -146,7 +147,7 @@ def open_session(
         for client in clients.values():
             client.close()
         raise_if(errors)
-    session = Session(state, clients)
+    session = Session(state, clients, store)
     try:
         if heal:
             heal_containers(session, store, out)

@@ -26,7 +26,7 @@ from deepfleet.errors import ContainerError, DeepfleetError
 from deepfleet.images import delivery, fanout, relay
 from deepfleet.inventory.nodes import Inventory
 from deepfleet.layout import CONTAINER_NAME
-from deepfleet.machines import containers, hostprobe, keys
+from deepfleet.machines import containers, hostprobe, keys, links
 from deepfleet.machines.connect import connect, fan_out, run_host
 from deepfleet.machines.state import ClusterState, NodeState, StateStore
 from deepfleet.planning.plan import left_out_lines
@@ -88,6 +88,7 @@ def up(inventory: Inventory, store: StateStore, opts: UpOptions, out=sys.stdout)
         # the status table that follows shows the machines; a machine left out says why here
         for line in left_out_lines(plan):
             say(out, line)
+        _measure_links(state, clients, store, out)
         return state
     except BaseException:
         _undo(state, clients, store, out)
@@ -95,6 +96,14 @@ def up(inventory: Inventory, store: StateStore, opts: UpOptions, out=sys.stdout)
     finally:
         for client in clients.values():
             client.close()
+
+
+def _measure_links(state: ClusterState, clients: dict, store: StateStore, out) -> None:
+    """The link table, recorded; the cluster is up whatever it says: a warning line at most."""
+    try:
+        links.refresh(state, clients, store, out)
+    except Exception as exc:
+        say(out, f"deepfleet: warning: links not measured: {exc}")
 
 
 def _choose_flavors(state: ClusterState, clients: dict, opts: UpOptions, out) -> None:

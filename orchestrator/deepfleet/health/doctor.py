@@ -20,7 +20,7 @@ from deepfleet.errors import DeepfleetError
 from deepfleet.images import delivery
 from deepfleet.inventory.nodes import NodeSpec
 from deepfleet.layout import MASTER_PORT, SSH_PORT
-from deepfleet.machines import hostprobe, preflight
+from deepfleet.machines import hostprobe, links, preflight
 from deepfleet.machines.connect import PinnedSSHAdapter, connect, fan_out, first_line, run_host
 from deepfleet.planning import flavors
 from deepfleet.planning.plan import ClusterPlan
@@ -42,7 +42,7 @@ SKEW_FAIL = 30.0
 CLOCK_SAMPLES = 3
 # A FAIL of these does not stop `up`: `up` never reads the clocks, and the network checks
 # are the launch preflight's (they need node containers, and a job's launch runs them).
-NOT_BLOCKING_UP = frozenset({"clock", "network"})
+NOT_BLOCKING_UP = frozenset({"clock", "network", "links"})
 MARKS = {"ok": "✓", "warn": "!", "FAIL": "✗"}
 ASCII_MARKS = {"ok": "ok", "warn": "warn", "FAIL": "FAIL"}
 
@@ -753,3 +753,57 @@ def cluster_network_checks(store, timeout: float = 15.0, probe_timeout: float = 
         return network_checks(session, timeout=probe_timeout)
     finally:
         session.close()
+
+
+def links_checks(records: list[dict], failures: list[str], age: float | None) -> list[Check]:
+    """Rows for the measured links: a warning for each link (or machine) far slower than the
+    others or with a high round-trip time, and for each link that could not be measured."""
+    checks = [Check(v.node, "links", "warn", v.detail, v.fix) for v in links.assess(records)]
+    for line in failures:
+        node = line.split(":", 1)[0].split(" ")[0] if line else "cluster"
+        checks.append(
+            Check(
+                "operator" if line.startswith("this machine") else node,
+                "links",
+                "warn",
+                f"not measured: {line}",
+                "a firewall between them? the `network` rows say which ports answer; then "
+                "`deepfleet links`",
+            )  # fmt: skip
+        )
+    if not checks and records:
+        slowest = min(records, key=links.rate)
+        detail = (
+            f"{len(records)} links {links.age_text(age)}; the slowest "
+            f"{links.link_name(slowest)} {links.rate(slowest) / links.MB:.1f} MB/s, "
+            f"round trips up to {max(r['rtt_s'] for r in records) * 1e3:.2f} ms"
+        )
+        checks.append(Check(records[0]["b"], "links", "ok", detail))
+    return checks
+
+
+def cluster_links_checks(store, timeout: float = 15.0) -> list[Check]:
+    """links_checks for the cluster that is up, measured again when the recorded table is
+    older than the links' max age (and recorded)."""
+    try:
+        state = store.load()
+        if links.stale(state, time.time()):
+            session = open_session(store, timeout)
+            try:
+                measured = links.measure(session.state, session.clients)
+                state = session.state
+                state.record_links(measured.links, measured.failures, measured.measured_at)
+                store.save(state)
+            finally:
+                session.close()
+    except DeepfleetError as exc:
+        return [
+            Check(
+                "cluster",
+                "links",
+                "warn",
+                f"not measured: {exc.one_line()}",
+                "the machine's own FAIL above says what to do; then `deepfleet links`",
+            )  # fmt: skip
+        ]
+    return links_checks(state.links, state.link_failures, state.links_age(time.time()))

@@ -1,4 +1,5 @@
-"""`deepfleet status`: each machine's container and GPUs as they are now, and the job.
+"""`deepfleet status`: each machine's container and GPUs as they are now, the job, and the
+link table as last measured (with its age; `deepfleet links` measures it now).
 
 Every machine is asked at once; one that does not answer is a row saying why, never a
 failed command. The JSON form follows schemas/status.schema.json (checked by a test).
@@ -15,6 +16,7 @@ from importlib import resources
 from deepfleet.errors import DeepfleetError
 from deepfleet.jobs import joblogs
 from deepfleet.jobs.watchdog import LEASE_READ_SH, LivenessPolicy, live_lease
+from deepfleet.machines import links
 from deepfleet.machines.connect import connect, fan_out, first_line
 from deepfleet.machines.containers import exec_text
 from deepfleet.machines.state import ClusterState, NodeState
@@ -142,7 +144,15 @@ def gather(state: ClusterState, timeout: float, policy: LivenessPolicy | None = 
         "nodes": [rows[n.spec.name] for n in state.nodes],
         "job": _job(state, job_name[0], lease[0], rows, timeout),
         "service": service(record[0], lease[0]),
+        "links": stored_links(state, now),
     }
+
+
+def stored_links(state: ClusterState, now: float) -> dict:
+    """The recorded link table and its age (measured by up, a job or `deepfleet links`)."""
+    return links.as_json(
+        state.links, state.link_failures, state.links_measured_at, state.links_age(now)
+    )
 
 
 def service(record_text: str, holder: str | None) -> dict | None:
@@ -248,6 +258,9 @@ def render(status: dict) -> str:
             eta = f", eta {_duration(job['eta_s'])}" if job["running"] and job["eta_s"] else ""
             lines.append(f"  step {job['step']}/{job['steps']} {loss}{rate}{eta}")
     lines += _render_service(status.get("service"))
+    table = status.get("links")
+    if table is not None:
+        lines.append(links.render(table["links"], table["failures"], table["age_s"]))
     return "\n".join(lines)
 
 

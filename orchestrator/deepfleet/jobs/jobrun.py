@@ -8,6 +8,7 @@ every rank on every node is stopped and the job ends with one line naming the no
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 import docker
@@ -26,7 +27,7 @@ from deepfleet.jobs.watchdog import (
     live_lease,
 )
 from deepfleet.layout import CLUSTER_KEY, RUN_DIR, SSH_DIR
-from deepfleet.machines import preflight, transfer
+from deepfleet.machines import links, preflight, transfer
 from deepfleet.machines.connect import docker_cause
 from deepfleet.planning import hostfile
 from deepfleet.planning.plan import ClusterPlan, describe
@@ -224,6 +225,12 @@ def ready_cluster(session: Session, slots: dict | None, options: RunOptions, out
 
 
 def check_network(session: Session, slots: dict | None, options: RunOptions, out) -> None:
-    """The preflight, before anything is copied: a blocked port fails in seconds."""
+    """The preflight, before anything is copied: a blocked port fails in seconds. Then the
+    links are measured again when the recorded ones are older than `--links-max-age`
+    (about a second per machine; a failure there is a warning, not a failed job)."""
     plan = job_plan(session, slots, options.backend, options.mixed)
     preflight.run(session, plan, timeout=options.preflight_timeout, out=out)
+    if links.stale(session.state, time.time()):
+        age = session.state.links_age(time.time())
+        why = " (none recorded)" if age is None else f" ({links.age_text(age)})"
+        links.refresh(session.state, session.clients, session.store, out, why=why)

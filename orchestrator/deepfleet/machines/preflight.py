@@ -176,15 +176,17 @@ def _read_first_line(stream) -> tuple[bytes | None, bytes]:
     return None, err
 
 
-def _exited_line(node: str, what: str, code, stderr: bytes) -> str:
+def _exited_line(node: str, what: str, code, stderr: bytes, module: str = NODE_MODULE) -> str:
+    """One line for a node helper that exited with nothing to say on stdout."""
     text = stderr.decode(errors="replace")
-    if f"No module named {NODE_MODULE}" in text:
+    if f"No module named {module}" in text:
+        feature = module.rsplit(".", 1)[-1]
         return (
-            f"{node}: its node image has no preflight (built before this deepfleet): "
+            f"{node}: its node image has no {feature} (built before this deepfleet): "
             "rebuild it (`make images`) and `deepfleet up` again"
         )
     lines = text.strip().splitlines()
-    return f"{node}: the preflight {what} exited {code}: {lines[-1] if lines else 'no output'}"
+    return f"{node}: the {what} exited {code}: {lines[-1] if lines else 'no output'}"
 
 
 def _close(stream) -> None:
@@ -194,35 +196,61 @@ def _close(stream) -> None:
         pass  # the transport may already be gone; the listener dies by itself
 
 
-def start_listener(session, node: str, ports: list[int], seconds: float) -> _Listener:
-    """Run `listen` in the node's container and wait only for its first line.
+def start_helper(
+    client, container_id: str, node: str, argv, what: str, module: str = NODE_MODULE, env=None
+) -> tuple[dict, object]:
+    """Run a node helper that prints one JSON object as its first line and keeps running (a
+    listener): that object, and the exec's stream, kept open until `_close`.
 
-    The exec stays attached so the ports stay open; if the node never answers, the read
-    still ends when the listener exits after `seconds`.
+    Only the first line is waited for; if the node never answers, the read still ends when
+    the helper exits by itself (every listener is given its seconds).
     """
-    argv = [*LISTEN, *(a for p in ports for a in ("--port", str(p))), "--seconds", f"{seconds:g}"]
     try:
-        api = session.clients[node].api
-        exec_id = api.exec_create(session.container(node).id, argv, stdout=True, stderr=True)["Id"]
+        api = client.api
+        exec_id = api.exec_create(
+            container_id, list(argv), stdout=True, stderr=True, environment=env
+        )["Id"]
         stream = api.exec_start(exec_id, stream=True, demux=True)
         line, stderr = _read_first_line(stream)
         code = api.exec_inspect(exec_id).get("ExitCode") if line is None else None
     except Exception as exc:
         raise PreflightError(
-            f"{node}: cannot start the preflight listener: {_docker_cause(exc)}", node
+            f"{node}: cannot start the {what}: {_docker_cause(exc)}", node
         ) from exc
     if line is None:
         _close(stream)
-        raise PreflightError(_exited_line(node, "listener", code, stderr), node)
+        raise PreflightError(_exited_line(node, what, code, stderr, module), node)
     try:
         answer = json.loads(line)
+        if not isinstance(answer, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        _close(stream)
+        text = line.decode(errors="replace")[:120]
+        raise PreflightError(f"{node}: the {what} said {text!r}", node) from exc
+    return answer, stream
+
+
+def start_listener(session, node: str, ports: list[int], seconds: float) -> _Listener:
+    """Run `listen` in the node's container and wait only for its first line; the exec
+    stays attached so the ports stay open."""
+    argv = [*LISTEN, *(a for p in ports for a in ("--port", str(p))), "--seconds", f"{seconds:g}"]
+    client = session.clients[node]
+    try:
+        container_id = session.container(node).id
+    except Exception as exc:
+        raise PreflightError(
+            f"{node}: cannot start the preflight listener: {_docker_cause(exc)}", node
+        ) from exc
+    answer, stream = start_helper(client, container_id, node, argv, "preflight listener")
+    try:
         if "error" in answer:
             _close(stream)
             return _Listener(node, [], error=str(answer["error"]))
         return _Listener(node, [int(p) for p in answer["ports"]], stream)
     except (ValueError, KeyError, TypeError) as exc:
         _close(stream)
-        text = line.decode(errors="replace")[:120]
+        text = json.dumps(answer)[:120]
         raise PreflightError(f"{node}: the preflight listener said {text!r}", node) from exc
 
 
@@ -268,7 +296,7 @@ def probe_from(session, src: str, batch: list[Probe], timeout: float) -> list[di
         cause = _docker_cause(exc)
         raise PreflightError(f"{src}: cannot run the preflight probe: {cause}", src) from exc
     if code != 0:
-        raise PreflightError(_exited_line(src, "probe", code, stderr or b""), src)
+        raise PreflightError(_exited_line(src, "preflight probe", code, stderr or b""), src)
     try:
         return _results((stdout or b"").decode(errors="replace"), len(batch))
     except (ValueError, KeyError, TypeError) as exc:

@@ -49,6 +49,12 @@ class ClusterState:
     cpu_slots: int = 1
     slots: dict[str, int] = field(default_factory=dict)
     compose_overrides: list[str] = field(default_factory=list)
+    # the last link measurement (machines/links.py): one record per link, {"a", "b",
+    # "a_to_b_bps", "b_to_a_bps", "rtt_s", "measured_at"} (bytes/s, seconds, Unix time);
+    # the lines of the links it could not measure; when it ran (None: never)
+    links: list[dict] = field(default_factory=list)
+    link_failures: list[str] = field(default_factory=list)
+    links_measured_at: float | None = None
     version: int = VERSION
 
     @property
@@ -57,6 +63,17 @@ class ClusterState:
 
     def reports(self) -> dict[str, NodeReport]:
         return {n.spec.name: n.parsed_report() for n in self.nodes if n.report}
+
+    def record_links(self, links: list[dict], failures: list[str], measured_at: float) -> None:
+        self.links = [dict(r) for r in links]
+        self.link_failures = list(failures)
+        self.links_measured_at = measured_at
+
+    def links_age(self, now: float) -> float | None:
+        """Seconds since the links were measured; None if they never were."""
+        if self.links_measured_at is None:
+            return None
+        return max(0.0, now - self.links_measured_at)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
