@@ -172,3 +172,62 @@ def test_serve_dry_run_puts_a_replica_on_the_gpu_desk_and_the_laptop(tmp_path, c
     assert "--listen 10.0.0.9: an endpoint other machines can reach needs --api-key" in (
         capsys.readouterr().err
     )
+
+
+def test_plan_predicts_each_config_and_reads_measured_links(tmp_path, capsys):
+    import json
+
+    from unitdata import detect_report
+
+    gpu = {"index": 0, "vendor": "nvidia", "name": "NVIDIA GeForce RTX 4090",
+           "memory_bytes": 24 << 30, "compute_capability": "8.9", "driver": "580.65"}  # fmt: skip
+    versions = dict(detect_report()["versions"], torch="2.13.0+cu130", cuda="13.0")
+    for i, name in enumerate(("desk1", "desk2")):
+        (tmp_path / f"{name}.json").write_text(json.dumps(detect_report(
+            ips=[f"192.0.2.{10 + i}"], accelerator="cuda", gpu_vendor="nvidia", gpus=[gpu],
+            versions=versions, torch_arch_list=["sm_89"], memory_bytes=64 << 30,
+        )))  # fmt: skip
+    # TinyLlama's shape: 1.1B parameters
+    info = {"params": 1_100_048_384, "largest_layer_params": 32000 * 2048, "layers": 22,
+            "hidden_size": 2048, "heads": 32, "vocab_size": 32000}  # fmt: skip
+    (tmp_path / "m.json").write_text(json.dumps(info))
+    files = [str(tmp_path / "desk1.json"), str(tmp_path / "desk2.json")]
+    args = ["plan", "--reports", *files, "--model-info", str(tmp_path / "m.json"),
+            "--seq-len", "512", "--micro-batch", "1", "--config", "auto"]  # fmt: skip
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    # 2 x 1/2 x 1.1e9 x 2 bytes = 2.2 GB over 1 GbE (117 MB/s): 18.8 s
+    assert (
+        "predicted: 18.8 s per step with zero2 (100% on the network; bottleneck: the "
+        "desk1-desk2 link, 117 MB/s); assumed 1 GbE for links not measured" in out
+    )
+    assert " *zero2" in out and "  zero3           28.3 s, 100% network" in out
+    links = {"links": [{"a": "desk2", "b": "desk1", "a_to_b_bps": 11.5e6, "b_to_a_bps": 112e6,
+                        "rtt_s": 0.002, "measured_at": 1.7e9}]}  # fmt: skip
+    (tmp_path / "links.json").write_text(json.dumps(links))
+    assert cli.main(args + ["--links", str(tmp_path / "links.json"), "--json"]) == 0
+    train = json.loads(capsys.readouterr().out)["train"]
+    assert train["prediction"]["bottleneck"] == "the desk2-desk1 link, 12 MB/s"
+    assert train["prediction"]["step_s"] == pytest.approx(2.2e9 / 11.5e6, rel=0.01)
+    assert [c["config"] for c in train["candidates"]][1:] == ["zero2", "zero3", "zero3-offload"]
+
+
+def test_train_dry_run_with_a_model_shape_shows_every_candidate(tmp_path, capsys):
+    import json
+
+    from unitdata import detect_report
+
+    save_desk_and_laptop(tmp_path, detect_report(cpu_count=4))
+    info = {"params": 100_000_000, "largest_layer_params": 32000 * 512, "layers": 8,
+            "hidden_size": 512, "heads": 8, "vocab_size": 32000}  # fmt: skip
+    (tmp_path / "m.json").write_text(json.dumps(info))
+    base = ["--state-dir", str(tmp_path), "train", "--dry-run", "--config", "auto"]
+    assert cli.main(base + ["--model-info", str(tmp_path / "m.json")]) == 0
+    out = capsys.readouterr().out
+    assert "memory: fits with zero2" in out and "predicted: " in out
+    assert "candidates (predicted time per step; memory):" in out
+    for config in ("zero1", "zero2", "zero3", "zero3-offload"):
+        assert f"{config} " in out
+    assert "deepspeed --hostfile" in out and "--deepspeed-config zero2" in out
+    assert cli.main(base) == 0
+    assert "--model-info FILE judges it here" in capsys.readouterr().out

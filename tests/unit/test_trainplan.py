@@ -285,3 +285,68 @@ def test_the_operator_decides_the_job_precision_from_every_gpu_once():
     )  # fmt: skip
     assert plan_cluster(inv("m"), {"m": mi100}).precision == "fp16"
     assert plan_cluster(inv("c"), {"c": rep(cpu_count=4)}).precision == "fp32"
+
+
+# ---- the cost model in the plan (planning/cost.py): predicted step, candidates, auto
+
+
+def test_the_plan_predicts_every_candidate_and_names_a_config_twice_as_fast():
+    reports = {"dgx": fleet()["dgx"]}
+    tp = train_plan(["dgx"], reports, SMALL, config="zero3-offload", micro=2)
+    assert [c.config for c in tp.candidates] == ["zero1", "zero2", "zero3", "zero3-offload"]
+    assert all(c.fits for c in tp.candidates)
+    # one machine: no network; offload's copies and CPU Adam dwarf the compute of 2 x 1024
+    # tokens per H100: 6 x 125e6 x 2048 / 395.6e12 = 3.9 ms
+    assert tp.prediction.strategy == "zero3-offload" and tp.prediction.comm_s == 0
+    assert tp.candidates[1].prediction.total_s == pytest.approx(0.00388, rel=0.01)
+    assert tp.faster.config == "zero2"  # the tie with zero1 goes to auto's order
+    text = trainplan.describe(tp)
+    assert "predicted: " in text and "with zero3-offload (0% on the network" in text
+    assert "faster: zero2 fits memory and is predicted" in text
+    assert "CONFIG=zero2 (--config zero2)" in text
+    rows = trainplan.candidate_lines(tp)
+    assert rows[0].startswith("candidates") and rows[-1].startswith(" *zero3-offload")
+    assert trainplan.as_dict(tp)["prediction"]["strategy"] == "zero3-offload"
+    assert len(trainplan.as_dict(tp)["candidates"]) == 4
+    # the fastest already: no such line
+    assert train_plan(["dgx"], reports, SMALL).faster is None
+
+
+def test_the_prediction_names_a_slow_link_and_auto_keeps_zero2():
+    from deepfleet.planning import cost
+
+    reports = {"a": fleet()["dgx"], "b": fleet()["dgx"]}
+    links = cost.Links.from_records(
+        [
+            {
+                "a": "a",
+                "b": "b",
+                "a_to_b_bps": 11.7e6,
+                "b_to_a_bps": 117e6,
+                "rtt_s": 1e-3,
+                "measured_at": 1.0,
+            }
+        ]
+    )
+    cluster = plan_cluster(inv("a", "b"), reports)
+    tp = trainplan.plan_training(cluster, reports, LLAMA2_7B, "auto", 1024, 2, links=links)
+    assert tp.config == "zero2" and tp.prediction.bottleneck == "the a-b link, 12 MB/s"
+    # 2 x 15/16 x 6.738e9 x 2 bytes = 25.3 GB over 11.7 MB/s
+    assert tp.prediction.comm_s == pytest.approx(25.27e9 / 11.7e6, rel=0.01)
+    assert "assumed 1 GbE" not in trainplan.describe(tp)
+    z3 = next(c for c in tp.candidates if c.config == "zero3")
+    assert z3.prediction.total_s > 1.4 * tp.prediction.total_s and tp.faster is None
+    # no links given: 1 GbE assumed, and the plan says so
+    assumed = trainplan.plan_training(cluster, reports, LLAMA2_7B, "auto", 1024, 2)
+    assert "assumed 1 GbE for links not measured" in trainplan.describe(assumed)
+
+
+def test_auto_takes_the_fastest_predicted_config_that_fits():
+    reports = {"dgx": fleet()["dgx"]}
+    ranks = [memory.Rank("dgx", 8, "cuda")]
+    times = {"zero2": 3.0, "zero3": 1.0, "zero3-offload": 2.0}
+    args = (ranks, reports, 1024, 2, "bf16")
+    assert memory.choose_config(SMALL, *args).config == "zero2"  # no predictions: cheapest
+    assert memory.choose_config(SMALL, *args, times.get).config == "zero3"
+    tied = {"zero2": 1.0, "zero3": 1.0, "zero3-offload": 1.0}
+    assert memory.choose_config(SMALL, *args, tied.get).config == "zero2"

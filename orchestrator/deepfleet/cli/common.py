@@ -133,7 +133,7 @@ def add_train_job(tr: argparse.ArgumentParser) -> None:
     tr.add_argument("--data", default=submit.DEMO, help="demo, or a local .txt/.jsonl file or dir")
     tr.add_argument(
         "--config", default="zero2",
-        help="zero1|zero2|zero3|zero3-offload, auto (the cheapest that fits), or a path",
+        help="zero1|zero2|zero3|zero3-offload, auto (the fastest predicted that fits), or a path",
     )  # fmt: skip
     tr.add_argument("--run", default="demo", help="run name: checkpoints/<run> on every node")
     tr.add_argument("--steps", type=int, default=60)

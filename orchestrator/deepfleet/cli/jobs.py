@@ -19,7 +19,7 @@ from deepfleet.errors import DeepfleetError
 from deepfleet.inventory.nodes import Inventory, NodeSpec
 from deepfleet.jobs import jobrun, launch, submit
 from deepfleet.machines.state import StateStore
-from deepfleet.planning import memory, reports, trainplan
+from deepfleet.planning import cost, memory, reports, trainplan
 from deepfleet.planning.plan import describe, plan_cluster, plan_dict
 
 
@@ -47,26 +47,49 @@ def cmd_plan(args) -> int:
                 slots={**parse_slots(args.slots), **extra}, backend=args.backend,
             )  # fmt: skip
 
+        links = cost.Links()  # no cluster: every pair assumed 1 GbE unless --links says
+
     else:
         session = Session(StateStore(args.state_dir).load(), {})
         reports_ = session.state.reports()
+        links = submit.state_links(session.state)
 
         def replan(extra):
             return jobrun.job_plan(session, {**parse_slots(args.slots), **extra}, args.backend)
 
+    if args.links:
+        links = _links_file(Path(args.links))
     plan = replan({})
     shape = None
     if args.model_info:
         shape = _model_info(Path(args.model_info))
     tp = trainplan.plan_training(
-        plan, reports_, shape, args.config, args.seq_len, args.micro_batch, args.balance, replan
-    )
+        plan, reports_, shape, args.config, args.seq_len, args.micro_batch, args.balance, replan,
+        links=links,
+    )  # fmt: skip
     if args.json:
         print(json.dumps({**plan_dict(tp.cluster), "train": trainplan.as_dict(tp)}, indent=2))
     else:
         print(describe(tp.cluster))
         print(trainplan.describe(tp))
+        for line in trainplan.candidate_lines(tp):
+            print(line)
     return 0
+
+
+def _links_file(path: Path) -> cost.Links:
+    """Links as `deepfleet links --json` lists them, or the state's records: a JSON list
+    of {"a", "b", "a_to_b_bps", "b_to_a_bps", "rtt_s", "measured_at"} (or {"links": [...]})."""
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise DeepfleetError(f"cannot read {path}: {exc.strerror}") from exc
+    except ValueError as exc:
+        raise DeepfleetError(f"{path} is not JSON ({exc})") from exc
+    records = data.get("links") if isinstance(data, dict) else data
+    if not isinstance(records, list):
+        raise DeepfleetError(f"{path}: expected a list of links")
+    return cost.Links.from_records(r for r in records if isinstance(r, dict))
 
 
 def _model_info(path: Path) -> memory.ModelShape:
@@ -110,16 +133,27 @@ def cmd_train(args) -> int:
         options = submit.train_options(req)
         plan = jobrun.job_plan(session, req.slots, options.backend, options.mixed)
         config = memory.BRIDGE if req.bridge else req.config
+        # the model's shape is read on the master at launch; a dry run connects nowhere,
+        # so it judges memory and predicts step times only from --model-info
+        shape = _model_info(Path(args.model_info)) if args.model_info else None
+
+        def replan(extra):
+            return jobrun.job_plan(session, {**req.slots, **extra}, options.backend, options.mixed)
+
         tp = trainplan.plan_training(
-            plan, state.reports(), None, config, req.seq_len, req.micro_batch, req.balance
-        )
+            plan, state.reports(), shape, config, req.seq_len, req.micro_batch, req.balance,
+            replan, links=submit.state_links(state),
+        )  # fmt: skip
+        plan = tp.cluster
         print(describe(plan))
         print(trainplan.describe(tp))
-        if trainplan.memory_config(config):
-            # the model's shape is read on the master at launch; a dry run connects nowhere
+        for line in trainplan.candidate_lines(tp):
+            print(line)
+        if trainplan.memory_config(config) and shape is None:
             print("memory: checked at launch from the model's shape, which may refuse the "
                   "job, pick CONFIG=auto's setting (shown: the cheapest) and add --max-micro "
-                  "caps for speed balancing")  # fmt: skip
+                  "caps for speed balancing; --model-info FILE judges it here, with every "
+                  "config's predicted time per step")  # fmt: skip
         print(submit.train_dry_run(plan, req, tp.config, session.master))
         return 0
     session = open_session(store, args.timeout, heal=True, refresh=True)
@@ -170,6 +204,11 @@ def add_train(sub) -> None:
         help="one job over every machine's accelerator (NVIDIA, AMD, CPU), gradients over gloo",
     )  # fmt: skip
     tr.add_argument("--dry-run", action="store_true", help="print the launcher command only")
+    tr.add_argument(
+        "--model-info", metavar="FILE",
+        help="with --dry-run: modelinfo JSON, for the memory fit and every config's predicted "
+        "time per step",
+    )  # fmt: skip
     add_run_options(tr)
     tr.add_argument("extra", nargs="*", help="passed to train.py after --")
     tr.set_defaults(func=cmd_train)
@@ -209,7 +248,14 @@ def add_plan(sub) -> None:
         "--model-info", metavar="FILE",
         help="modelinfo JSON (python -m deepfleet_node.modelinfo --model M): adds the memory fit",
     )  # fmt: skip
-    pl.add_argument("--config", default="zero2", help="as train's --config (auto: cheapest fit)")
+    pl.add_argument(
+        "--links", metavar="FILE",
+        help="links JSON (deepfleet links --json) instead of the cluster's (default: "
+        "the measured ones; none: 1 GbE assumed)",
+    )  # fmt: skip
+    pl.add_argument(
+        "--config", default="zero2", help="as train's --config (auto: fastest predicted fit)"
+    )
     pl.add_argument("--seq-len", type=int, default=64)
     pl.add_argument("--micro-batch", type=int, default=4)
     add_balance(pl)

@@ -24,7 +24,8 @@ from deepfleet.layout import CHECKPOINTS, DATA, HF_HOME, MODELS, RUN_DIR
 from deepfleet.machines import transfer
 from deepfleet.machines.connect import by_outcome, fan_out
 from deepfleet.machines.containers import exec_text
-from deepfleet.planning import inferplan, memory, trainplan
+from deepfleet.machines.state import ClusterState
+from deepfleet.planning import cost, inferplan, memory, trainplan
 
 # Passed to the nodes' download step through the exec environment only: never in a file,
 # an image, the launcher's command line or its logs.
@@ -348,10 +349,16 @@ def plan_train(
 
     tp = trainplan.plan_training(
         plan, session.state.reports(), shape, config, req.seq_len, req.micro_batch, req.balance,
-        replan,
+        replan, links=state_links(session.state),
     )  # fmt: skip
     out.write(trainplan.describe(tp) + "\n")
     return tp
+
+
+def state_links(state: ClusterState) -> cost.Links:
+    """The links the cluster state recorded (`deepfleet links`, `up`, a job's preflight
+    when stale); none recorded: every pair is assumed 1 GbE, and the prediction says so."""
+    return cost.Links.from_records(state.links)
 
 
 def train(session: Session, req: TrainRequest, out=sys.stdout, environ=None) -> list[str]:
@@ -464,12 +471,12 @@ def plan_inference(
     options = req.options
     if req.mode in ("auto", "replicas") and options.backend is None:
         mixed = job_plan(session, req.slots, None, mixed=True)
-        chosen = inferplan.choose(mixed, reports, size, req.mode)
+        chosen = inferplan.choose(mixed, reports, size, req.mode, state_links(session.state))
         if chosen.mode == "replicas":
             out.write(f"deepfleet: inference mode replicas: {chosen.reason}\n")
             return chosen, replace(options, mixed=True)
     plan = job_plan(session, req.slots, options.backend)
-    chosen = inferplan.choose(plan, reports, size, req.mode)
+    chosen = inferplan.choose(plan, reports, size, req.mode, state_links(session.state))
     out.write(f"deepfleet: inference mode {chosen.mode}: {chosen.reason}\n")
     return chosen, options
 

@@ -17,7 +17,7 @@ the host RAM (the cgroup limit where one is set).
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from functools import cache
 from importlib import resources
@@ -405,14 +405,19 @@ def choose_config(
     seq_len: int,
     micro_batch: int,
     precision: str,
+    predicted: Callable[[str], float] | None = None,
 ) -> Verdict:
-    """CONFIG=auto: the cheapest config that fits every machine, else a refusal that says
-    what would fit (a smaller micro-batch or a machine left out)."""
+    """CONFIG=auto: of the configs that fit every machine, the fastest by `predicted`
+    (config -> predicted seconds per step, planning/cost.py; a tie keeps AUTO_ORDER's
+    order) or, without predictions, the cheapest; else a refusal that says what would fit
+    (a smaller micro-batch or a machine left out)."""
     args = (ranks, reports, seq_len, micro_batch, precision)
     verdicts = [machine_fits(shape, c, *args) for c in AUTO_ORDER]
-    for verdict in verdicts:
-        if verdict.fits:
-            return verdict
+    fitting = [v for v in verdicts if v.fits]
+    if fitting:
+        if predicted is None:
+            return fitting[0]
+        return min(fitting, key=lambda v: predicted(v.config))  # min keeps the first of ties
     tips = []
     for config in AUTO_ORDER:
         tips += [

@@ -10,10 +10,11 @@ machine that cannot hold a replica sits out, with the reason.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 
 from deepfleet.errors import PlanError
 from deepfleet.layout import RUN_DIR
+from deepfleet.planning import cost
 from deepfleet.planning.inferplan import GB
 from deepfleet.planning.memory import device_rooms, inference_need
 from deepfleet.planning.plan import ClusterPlan, LeftOut
@@ -55,6 +56,9 @@ class ServePlan:
     replicas: tuple[Replica, ...]
     left_out: tuple[LeftOut, ...]
     reason: str
+    # replica name -> predicted seconds per token of one request (planning/cost.py); empty
+    # when the model's size is unknown. The gateway routes by measured tokens/s regardless.
+    per_token: dict[str, float] = field(default_factory=dict)
 
 
 def plan_service(
@@ -98,7 +102,25 @@ def plan_service(
             f"({'; '.join(o.reason for o in left)}); `make infer MODE=zero` spreads one "
             "copy over every machine for batch jobs"
         )
-    return ServePlan(tuple(replicas), tuple(left), size)
+    return ServePlan(
+        tuple(replicas), tuple(left), size, predict(plan, reports, model_bytes, replicas)
+    )
+
+
+def predict(
+    plan: ClusterPlan, reports: Mapping[str, NodeReport], model_bytes: int | None, replicas
+) -> dict[str, float]:
+    """Each replica's predicted seconds per token: one device reading the whole model, or
+    the machine's GPUs sharing it (tp inside one machine)."""
+    if not model_bytes:
+        return {}
+    speeds = {r.machine: r for r in cost.job_ranks(plan, reports)}
+    out = {}
+    for r in replicas:
+        one = replace(speeds[r.machine], slots=max(1, len(r.gpus)))
+        mode = "tp" if len(r.gpus) > 1 else "replicas"
+        out[r.name] = cost.predict_token(model_bytes, mode, [one]).seconds
+    return out
 
 
 def _size(n: int) -> str:
@@ -115,7 +137,9 @@ def describe(sp: ServePlan) -> str:
     lines = [f"serve: {len(sp.replicas)} replica(s) on {machines} machine(s); {sp.reason}"]
     for r in sp.replicas:
         where = f"GPU {','.join(str(g) for g in r.gpus)}" if r.gpus else "CPU"
-        lines.append(f"  {r.name:<12} {where:<10} {r.url}")
+        known = sp.per_token.get(r.name)
+        speed = f"  ~{cost.secs(known)} per token (predicted)" if known else ""
+        lines.append(f"  {r.name:<12} {where:<10} {r.url}{speed}")
     for out in sp.left_out:
         lines.append(f"  {out.name:<12} left out: {out.reason}")
     return "\n".join(lines)
