@@ -97,7 +97,11 @@ def train_args(
     precision: str = "auto",
     config: str | None = None,
     caps: tuple[int, ...] | None = None,
+    predicted_step_s: float | None = None,
 ) -> list[str]:
+    """The ranks' arguments (deepfleet_node.train's, the bridge's the same).
+    predicted_step_s: the plan's predicted seconds per step (TrainPlan.step_seconds), which
+    rank 0 prints against the measured figure; None when there is no prediction."""
     args = [
         "--model", model_path,
         "--data", data_path,
@@ -119,6 +123,8 @@ def train_args(
         args += ["--global-batch", str(req.global_batch)]
     if req.resume:
         args.append("--resume")
+    if predicted_step_s is not None:
+        args += ["--predicted-step-s", f"{predicted_step_s:.6g}"]
     return args + list(req.extra)
 
 
@@ -378,7 +384,10 @@ def train(session: Session, req: TrainRequest, out=sys.stdout, environ=None) -> 
     data = f"{DEMO_DATA}/train.txt"
     if req.data != DEMO:
         data = _push_everywhere(session, req.data, DATA, out)
-    args = train_args(req, model, data, tp.cluster.precision, tp.config, tp.caps)
+    args = train_args(
+        req, model, data, tp.cluster.precision, tp.config, tp.caps,
+        predicted_step_s=tp.step_seconds(req.global_batch),
+    )  # fmt: skip
     slots = {**req.slots, **tp.slots}  # with the machines the memory fit left out
     return run_job(
         session, train_module(req), args, out, slots, secrets, options, checked=True,

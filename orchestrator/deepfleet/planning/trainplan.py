@@ -76,6 +76,21 @@ class TrainPlan:
     def rank_names(self) -> list[str]:
         return [n.name for n in self.cluster.nodes for _ in range(n.slots)]
 
+    def step_seconds(self, global_batch: int | None = None) -> float | None:
+        """The predicted seconds per optimizer step the ranks check their own against
+        (train's --predicted-step-s); None when there is no prediction. The cost model
+        predicts one micro-step per step; a --global-batch that makes several repeats the
+        forward, the backward and the gradients' collectives for each of them, so it is
+        scaled by that count (for ZeRO-1/2 a little high: their weights' all-gather runs
+        once a step)."""
+        if self.prediction is None:
+            return None
+        per_micro_step = self.micro_batch * self.cluster.world_size
+        ga = 1
+        if global_batch and per_micro_step and global_batch % per_micro_step == 0:
+            ga = global_batch // per_micro_step
+        return self.prediction.total_s * ga
+
 
 def rank_speeds(cluster: ClusterPlan, reports: Mapping[str, NodeReport]) -> list[float]:
     """Relative speed per rank before anything is measured: a CPU rank gets its share of

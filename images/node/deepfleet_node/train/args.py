@@ -102,6 +102,14 @@ def parse_args(
         )
     else:
         p.add_argument("--precision", type=precision_type, default="auto", metavar="PRECISION")
+    p.add_argument(
+        "--predicted-step-s",
+        type=float,
+        metavar="SECONDS",
+        help="the operator's predicted seconds per optimizer step (its cost model): rank 0 "
+        "prints it against the measured step time once, after the warm-up step, and "
+        "metrics.jsonl records it beside step_time_s",
+    )
     p.add_argument("--verbose", action="store_true", help="keep DeepSpeed's INFO logging")
     # The DeepSpeed launcher appends --local_rank=N; LOCAL_RANK in the env says the same.
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -112,6 +120,8 @@ def parse_args(
         args.steps = 100
     if args.rebalance_after < 0:
         p.error("--rebalance-after must be >= 0")
+    if args.predicted_step_s is not None and not args.predicted_step_s > 0:
+        p.error("--predicted-step-s must be > 0")
     return args
 
 

@@ -23,7 +23,7 @@ from .args import check_shares_arg, parse_args
 from .checkpoints import export_final, output_is_shared, resume, save_checkpoint
 from .config import build_ds_config, grad_accum_steps, pick_precision, total_steps
 from .loss import all_reduce_sum, token_loss_sum, valid_targets, weighted_loss
-from .metrics import Window, drop_metrics_after, log_interval, log_window
+from .metrics import StepTruth, Window, drop_metrics_after, log_interval, log_window
 from .model import load_dataset, load_model, model_inputs, torch_device
 from .speed import (
     Balancer,
@@ -93,15 +93,18 @@ def train_step(run: Run, step: int, window: Window) -> None:
 def train_loop(run: Run, start: int, rank: int) -> float:
     window, last_loss, saved = Window(), float("nan"), start
     every = log_interval(run.args.log_every, run.total)
+    truth = StepTruth(getattr(run.args, "predicted_step_s", None))
     for step in range(start, run.total):
         lr = run.engine.get_lr()[0]
         began = time.perf_counter()
         train_step(run, step, window)
-        window.seconds += time.perf_counter() - began
+        took = time.perf_counter() - began
+        window.seconds += took
         window.steps += 1
+        truth.add(took)
         done = step + 1
         if done % every == 0 or done == run.total:
-            last_loss = log_window(run, done, lr, window, rank)
+            last_loss = log_window(run, done, lr, window, rank, truth)
             window = Window()
         if done == run.balancer.rebalance_at:
             rebalance(run, done)

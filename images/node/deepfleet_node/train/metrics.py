@@ -1,5 +1,6 @@
 """Progress: the window of steps since the last log line, reduced over the ranks when a
-line is due; rank 0's progress line, metrics.jsonl record and tensorboard scalars."""
+line is due; rank 0's progress line, metrics.jsonl record and tensorboard scalars; the
+truth check of the operator's predicted step time (--predicted-step-s)."""
 
 from __future__ import annotations
 
@@ -46,13 +47,70 @@ class Window:
         return loss, int(tokens), int(samples)
 
 
+@dataclass
+class StepTruth:
+    """Measured against predicted seconds per step, said once. The first step this process
+    trains is the warm-up (allocations, the first gathers, lazy inits) and is left out of
+    the measured figure; a run whose only step is that one is measured on it."""
+
+    predicted: float | None  # the operator's cost model; None: nothing to check
+    seconds: float = 0.0  # the steps after the warm-up
+    steps: int = 0
+    warmup_s: float | None = None
+    said: bool = False
+
+    def add(self, seconds: float) -> None:
+        if self.warmup_s is None:
+            self.warmup_s = seconds
+        else:
+            self.seconds += seconds
+            self.steps += 1
+
+    def line(self, last: bool = False) -> str | None:
+        """The line, the first time a measured figure exists (or at the run's last line)."""
+        if self.predicted is None or self.said:
+            return None
+        if self.steps:
+            measured = self.seconds / self.steps
+        elif last and self.warmup_s is not None:
+            measured = self.warmup_s
+        else:
+            return None
+        self.said = True
+        return truth_line(measured, self.predicted)
+
+
+def truth_line(measured: float, predicted: float) -> str:
+    return (
+        f"step time: measured {secs(measured)}, predicted {secs(predicted)} "
+        f"({measured / predicted:.2f}x)"
+    )
+
+
+def secs(s: float) -> str:
+    """Seconds as the operator's plan prints them (planning/cost.py's secs)."""
+    if s >= 100:
+        return f"{s:.0f} s"
+    if s >= 1:
+        return f"{s:.1f} s"
+    if s >= 0.1:
+        return f"{s:.2f} s"
+    return f"{s * 1000:.3g} ms"
+
+
 def metrics_record(
-    step: int, lr: float, window: Window, reduced, remaining: int, shares: list[int]
+    step: int,
+    lr: float,
+    window: Window,
+    reduced,
+    remaining: int,
+    shares: list[int],
+    predicted: float | None = None,
 ) -> dict:
     loss, tokens, samples = reduced
     step_time = window.seconds / max(window.steps, 1)
     seconds = max(window.seconds, 1e-9)
-    return {
+    rec = {
         "step": step,
         "loss": loss,
         "lr": lr,
@@ -62,6 +120,9 @@ def metrics_record(
         "eta_s": step_time * remaining,
         "micro_batches": list(shares),  # samples per rank per micro-step, by global rank
     }
+    if predicted is not None:
+        rec["predicted_step_time_s"] = predicted
+    return rec
 
 
 def log_line(rec: dict, total: int) -> str:
@@ -95,13 +156,20 @@ def tensorboard(out: Path):
     return _tensorboard["writer"]
 
 
-def log_window(run, step: int, lr: float, window: Window, rank: int) -> float:
+def log_window(
+    run, step: int, lr: float, window: Window, rank: int, truth: StepTruth | None = None
+) -> float:
     """Reduce the window over the ranks; on rank 0 print the progress line and record it
-    (run: a loop.Run). The window's loss."""
+    (run: a loop.Run), then, once, the measured against predicted step time. The window's
+    loss."""
     reduced = window.reduce(run.comm_device)
-    rec = metrics_record(step, lr, window, reduced, run.total - step, run.stream.shares)
+    predicted = truth.predicted if truth is not None else None
+    rec = metrics_record(step, lr, window, reduced, run.total - step, run.stream.shares, predicted)
     if rank == 0:
         print(log_line(rec, run.total), flush=True)
+        said = truth.line(last=step == run.total) if truth is not None else None
+        if said:
+            print(said, flush=True)
         with (run.out / "metrics.jsonl").open("a") as fh:
             fh.write(json.dumps(rec) + "\n")
         writer = tensorboard(run.out)
