@@ -6,8 +6,12 @@
 # (this machine's `docker load`) and, with NEXT, on to the next machine, so the image
 # crosses each link once and every machine loads while the stream passes through.
 # stderr carries what the operator reads: "ready", "bytes N" each second, "end", or
-# "fail <why>". RELAY_IN / RELAY_OUT name files (the host's fifos, mounted) to use for
-# stdin / stdout: the engine's attach stream would copy every byte twice more.
+# "fail <why>", and "refused <addr>: <why>" for a connection that is not the neighbour's.
+# RELAY_IN / RELAY_OUT name files (the host's fifos, mounted) to use for stdin / stdout:
+# the engine's attach stream would copy every byte twice more.
+# RELAY_SECRET is what the machine before must send first (a line) for its bytes to be
+# taken, RELAY_NEXT_SECRET what this one sends the next: random, made by the operator for
+# each hop of each transfer and given through the environment, never on a command line.
 set -u
 [ -n "${RELAY_OUT:-}" ] && exec >"$RELAY_OUT"
 src=$1
@@ -15,7 +19,7 @@ next_host=${2:-}
 next_port=${3:-}
 LINK_TIMEOUT=${LINK_TIMEOUT:-10}
 RELAY_DIR=$(mktemp -d)
-export RELAY_DIR
+export RELAY_DIR LINK_TIMEOUT
 
 fail() { echo "fail $*" >&2; exit 3; }
 
@@ -49,8 +53,14 @@ if [ "$src" = - ]; then
   exec 3<"${RELAY_IN:-/dev/stdin}"  # an asynchronous list's stdin is /dev/null otherwise
   $copy <&3 2>/dev/null | $block 2>/dev/null &
 else
+  # a listener that takes anyone is what this must never be
+  [ -n "${RELAY_SECRET:-}" ] || fail "no secret for port $src"
   mkfifo "$RELAY_DIR/up" || fail "mkfifo"
-  nc -l -p "$src" -e /relay-take &
+  # -ll: a relay-take for each connection, so a stranger connecting first (refused there,
+  # without a byte reaching the fifo) leaves the port open for the neighbour; the one
+  # with the secret ends the listener
+  nc -ll -p "$src" -e /relay-take &
+  echo $! >"$RELAY_DIR/listener"
   $copy <"$RELAY_DIR/up" 2>/dev/null | $block 2>/dev/null &
 fi
 reader=$!
@@ -80,4 +90,5 @@ while kill -0 "$reader" 2>/dev/null; do
   sleep 1
 done
 wait "$reader"
+[ -s "$RELAY_DIR/listener" ] && kill "$(cat "$RELAY_DIR/listener")" 2>/dev/null
 echo "end" >&2

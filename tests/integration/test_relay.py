@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import io
 import os
+import socket
 import subprocess
 import tarfile
+import time
 
 import pytest
 from labtools import lab_index
@@ -45,7 +47,7 @@ def machines(cluster):
         client.close()
 
 
-def _relay(outer_docker, machines, ref):
+def _relay(outer_docker, machines, ref, out=None):
     nodes, clients = machines
     plan = fanout.plan_images(
         {n.name: ref for n in nodes},
@@ -54,7 +56,7 @@ def _relay(outer_docker, machines, ref):
         {n.name: n.host for n in nodes},
     )
     assert [c.nodes for c in plan.chains] == [("lab1", "lab2", "lab3")]
-    out = io.StringIO()
+    out = out if out is not None else io.StringIO()
     lines = []
     outcome = fanout.put_images(
         outer_docker, clients, plan, lines.append, progress.Board(out, tty=False)
@@ -117,4 +119,74 @@ def test_a_machine_its_neighbour_cannot_reach_gets_the_image_straight_from_here(
     finally:
         unblock = [block[0], "-D", *block[2:]]
         subprocess.run(["docker", "exec", container, *unblock], check=False)
+        _cleanup(outer_docker, clients, ref)
+
+
+def _refused(sock: socket.socket) -> bool:
+    """Whether the far end closed the connection (within 15 s) instead of taking it."""
+    sock.settimeout(15)
+    try:
+        while sock.recv(4096):
+            pass
+        return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+
+
+def test_a_stranger_connecting_first_is_refused_and_the_transfer_completes(
+    cluster, outer_docker, machines, monkeypatch
+):
+    """A stranger (here: this machine, which is not lab2) reaches lab3's relay port before
+    lab2 does, once with bytes that are not the secret, once saying nothing and holding on:
+    the first is closed and named, the second blocks nothing, and lab3 still loads the
+    image from lab2, untouched by either."""
+    ref = "deepfleet-test/relay:3"
+    image = _fresh_image(outer_docker, ref)
+    nodes, clients = machines
+    lab3 = next(n for n in nodes if n.name == "lab3")
+    strangers: list[socket.socket] = []
+    seen = {}
+
+    class Intruded(relay._HopRun):
+        def __init__(self, hop, *args, **kw):
+            super().__init__(hop, *args, **kw)
+            if hop.node != "lab3":
+                return
+            assert self.ready.wait(relay.READY_TIMEOUT) and not self.ended.is_set()
+            quiet = socket.create_connection((lab3.host, relay.RELAY_PORT), timeout=10)
+            strangers.append(quiet)  # says nothing, holds on until the end
+            loud = socket.create_connection((lab3.host, relay.RELAY_PORT), timeout=10)
+            strangers.append(loud)
+            seen["addr"] = loud.getsockname()[0]
+            try:
+                loud.sendall(b"GET / HTTP/1.0\r\n\r\n" + os.urandom(1 << 16))
+            except OSError:
+                pass  # closed on us already
+            seen["closed"] = _refused(loud)
+            deadline = time.monotonic() + 10
+            while not self.refused and time.monotonic() < deadline:
+                time.sleep(0.1)
+
+    monkeypatch.setattr(relay, "_HopRun", Intruded)
+    out = io.StringIO()
+    try:
+        outcome, lines = _relay(outer_docker, machines, ref, out)
+        shown = out.getvalue().splitlines()
+        assert not outcome.errors, outcome.errors
+        actions = {name: r.action for name, r in outcome.results.items()}
+        assert actions == {"lab1": "relayed", "lab2": "relayed", "lab3": "relayed"}, lines
+        assert seen["closed"], "lab3 kept the stranger's connection"
+        said = [x for x in shown if x.startswith("[lab3] relay: refused")]
+        assert said, shown
+        assert f"from {seen['addr']}:" in said[0] and "secret" in said[0], said
+        for name, client in clients.items():
+            assert client.images.get(ref).id == image.id, name
+        size = PAYLOAD_MB << 20
+        assert size <= outcome.sent_here <= 1.1 * size + (1 << 20), outcome.sent_here
+        _no_relay_left(clients)
+    finally:
+        for sock in strangers:
+            sock.close()
         _cleanup(outer_docker, clients, ref)

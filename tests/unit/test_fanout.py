@@ -88,6 +88,70 @@ def test_hops_dial_the_next_machine_and_the_first_reads_stdin():
     assert "cat >" not in script and 'docker load -i "$d/out"' in script
 
 
+def test_each_listening_hop_gets_its_own_secret_and_its_neighbour_sends_it():
+    hops = relay.Chain(("a", "b", "c"), ADDR).hops()
+    keys = relay.make_secrets(hops)
+    assert keys["a"][0] == ""  # fed from here over SSH: no port, no secret
+    assert keys["a"][1] == keys["b"][0] and keys["b"][1] == keys["c"][0] and keys["c"][1] == ""
+    assert len({keys["b"][0], keys["c"][0]}) == 2 and all(len(keys[n][0]) == 32 for n in "bc")
+    again = relay.make_secrets(hops)
+    assert again["b"][0] != keys["b"][0]  # made anew for every transfer
+    for hop in hops:  # the secrets travel on stdin, never on the command line
+        run, _ = _run_line(hop.command())
+        assert "RELAY_SECRET" in run and "RELAY_NEXT_SECRET" in run
+        assert not any(k and k in hop.command() for k in keys[hop.node])
+
+
+def test_a_hop_script_reads_its_secrets_then_passes_the_rest_of_stdin_on(tmp_path):
+    """The first hop's host script with a stand-in `docker`: the relay container sees
+    the secrets in its environment, and `docker load` gets exactly the image bytes."""
+    fake = tmp_path / "docker"
+    fake.write_text(
+        "#!/bin/sh\n"
+        'if [ "$1" = run ]; then\n'
+        '  for a; do case "$a" in *:/io) d=${a%:/io};; esac; done\n'
+        '  echo "env $RELAY_SECRET/$RELAY_NEXT_SECRET" >&2\n'
+        '  exec cat "$d/in" > "$d/out"\n'
+        "fi\n"
+        f'exec cat "$3" > {tmp_path}/loaded\n'
+    )
+    fake.chmod(0o755)
+    hop = relay.Chain(("a", "b"), ADDR).hops()[0]
+    image = bytes(range(256)) * 4000 + b"\nnot a secret\n"
+    done = subprocess.run(
+        ["sh", "-c", shlex.split(hop.command())[2]],
+        input=relay.secret_lines("", "s" * 32) + image,
+        capture_output=True,
+        env={"PATH": f"{tmp_path}:/usr/bin:/bin"},
+        timeout=30,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.decode().strip() == "env /" + "s" * 32
+    assert (tmp_path / "loaded").read_bytes() == image
+
+
+def test_a_refused_connection_is_one_line_naming_the_machine_and_the_address():
+    said = []
+    run = relay._HopRun.__new__(relay._HopRun)
+    run.hop, run.bar, run.say, run.refused, run.other = (
+        relay.Hop("b", 29610),
+        None,
+        said.append,
+        [],
+        [],
+    )
+    run._line("refused 10.0.0.9:40522: no secret")
+    assert run.refused == ["10.0.0.9:40522"] and not run.other
+    assert said == [
+        "[b] relay: refused a connection from 10.0.0.9:40522 (no secret): "
+        "not this transfer's neighbour, nothing of it loaded"
+    ]
+    for port in range(5):
+        run._line(f"refused 10.0.0.9:{port}: wrong secret")
+    assert len(run.refused) == 6 and len(said) == relay.SHOW_REFUSED
+    assert said[-1].endswith("further ones not shown")
+
+
 def test_a_chain_without_a_machine_rewires_around_it():
     chain = relay.Chain(("a", "b", "c"), ADDR).without("b")
     assert [(h.node, h.next_address) for h in chain.hops()] == [("a", "10.0.0.3"), ("c", "")]

@@ -141,7 +141,8 @@ def _relay(local, clients, ref: str, chain: relay.Chain, outcome: Outcome, log, 
         while len(chain.nodes) >= 2:
             began = time.monotonic()
             try:
-                sent, problems = relay.run_chain(chain, clients, payload, stall, board)
+                say = board.line if board is not None else log
+                sent, problems = relay.run_chain(chain, clients, payload, stall, board, say)
             except relay.ChainBroken as exc:
                 log(f"[{exc.drop}] relay: {exc}; its image goes straight from here")
                 chain, direct = chain.without(exc.drop), direct + [exc.drop]

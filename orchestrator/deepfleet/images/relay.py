@@ -10,15 +10,22 @@ Each machine of a chain runs images/relay/relay.sh in a 2 MB busybox container
 host pipes the container's stdout into its own `docker load`. No registry, no engine
 setting changed; the containers end with the transfer and are removed whatever happens.
 
+A listening machine takes only a connection that opens with its secret: random, made here
+for each hop of each transfer, and given to the hops over their SSH channels (never on a
+command line). Anything else connecting to its port is closed before a byte reaches its
+`docker load`, and named here ("refused ADDR: no secret"); the hop waits on for its
+neighbour, and stops listening once the neighbour is in.
+
 `Chain` is the plan (pure, printable); `run_chain` carries one out.
 """
 
 from __future__ import annotations
 
+import secrets
 import shlex
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +43,7 @@ RELAY_IMAGE = RELAY_TAG
 RELAY_CONTAINER = "deepfleet-relay"
 # a machine's relay container starting, opening its port and reaching the next machine
 READY_TIMEOUT = 60.0
+SHOW_REFUSED = 3  # lines for connections a hop refused: a flood of them is not a log
 
 
 class ChainBroken(ImageError):
@@ -58,16 +66,23 @@ class Hop:
         """The shell command the node's host runs for its part of the relay.
 
         The relay container reads and writes fifos in a host directory, not its attach
-        stream: the bytes go here -> `cat` -> fifo -> relay -> fifo -> `docker load`."""
+        stream: the bytes go here -> `cat` -> fifo -> relay -> fifo -> `docker load`.
+        The first two lines of its stdin are the hop's secrets (`secret_lines`): what the
+        machine before must send, what to send the next; they reach the container in its
+        environment (`-e NAME` passes the value without writing it on the command line)."""
         first = self.listen is None
         run = ["docker", "run", "--rm", "-a", "stderr", "--network", "host",
                "--log-driver", "none", "--name", RELAY_CONTAINER, "-v", '"$d":/io',
+               "-e", "RELAY_SECRET", "-e", "RELAY_NEXT_SECRET",
                "-e", "RELAY_OUT=/io/out", *(["-e", "RELAY_IN=/io/in"] if first else []),
                RELAY_IMAGE, "-" if first else str(self.listen)]  # fmt: skip
         if self.next_address:
             run += [shlex.quote(self.next_address), str(self.next_port)]
         fifos = ['"$d/out"', *(['"$d/in"'] if first else [])]
         lines = [
+            # read byte by byte: the first hop's image follows on the same stdin
+            "IFS= read -r RELAY_SECRET && IFS= read -r RELAY_NEXT_SECRET || exit 1",
+            "export RELAY_SECRET RELAY_NEXT_SECRET",
             "d=$(mktemp -d) || exit 1",
             "trap 'rm -rf \"$d\"' EXIT",
             f"mkfifo {' '.join(fifos)} || exit 1",
@@ -113,13 +128,37 @@ class Chain:
         return " -> ".join(("here", *self.nodes))
 
 
+def make_secrets(hops: list[Hop]) -> dict[str, tuple[str, str]]:
+    """{node: (the secret its neighbour must send, the one it sends the next)}: one fresh
+    random secret per listening hop, so a secret seen on one link opens no other."""
+    made = [secrets.token_hex(16) if hop.listen is not None else "" for hop in hops]
+    return {
+        hop.node: (made[i], made[i + 1] if i + 1 < len(hops) else "") for i, hop in enumerate(hops)
+    }
+
+
+def secret_lines(expect: str, forward: str) -> bytes:
+    """What a hop's command reads first from its stdin."""
+    return f"{expect}\n{forward}\n".encode()
+
+
 class _HopRun:
     """One hop's SSH channel, read by a thread: readiness, bytes passed, the end."""
 
-    def __init__(self, hop: Hop, client, bar, stall: float):
+    def __init__(
+        self,
+        hop: Hop,
+        client,
+        bar,
+        stall: float,
+        keys: tuple[str, str] = ("", ""),
+        say: Callable[[str], None] | None = None,
+    ):
         self.hop = hop
         self.bar = bar
         self.stall = stall
+        self.say = say
+        self.refused: list[str] = []  # the address of each connection not let in
         self.ready = threading.Event()
         self.ended = threading.Event()
         self.failure = ""  # the relay's own "fail ..." line
@@ -129,6 +168,7 @@ class _HopRun:
         self.moved_at = time.monotonic()
         self.channel = host_channel(client, hop.command())
         self.channel.settimeout(stall)
+        self.channel.sendall(secret_lines(*keys))
         self._thread = threading.Thread(target=self._read, daemon=True)
         self._thread.start()
 
@@ -155,6 +195,16 @@ class _HopRun:
                     self.bar.update_to(self.received)
         elif word == "fail":
             self.failure = rest
+        elif word == "refused":
+            addr, _, why = rest.partition(": ")
+            self.refused.append(addr)
+            shown = len(self.refused)
+            if self.say is not None and shown <= SHOW_REFUSED:
+                more = ", further ones not shown" if shown == SHOW_REFUSED else ""
+                self.say(
+                    f"[{self.hop.node}] relay: refused a connection from {addr} ({why}): "
+                    f"not this transfer's neighbour, nothing of it loaded{more}"
+                )
         elif word == "end":
             self.moved_at = time.monotonic()
         elif line:
@@ -189,14 +239,15 @@ def clear(client) -> None:
         pass  # the machine not answering shows up when its hop starts
 
 
-def _start(chain: Chain, clients, board, size: int, stall: float, runs: dict) -> None:
+def _start(chain: Chain, clients, board, size: int, stall: float, runs: dict, say=None) -> None:
     """Start every hop from the tail: each listener is up before the one before it dials."""
     hops = chain.hops()
+    keys = make_secrets(hops)
     for i in reversed(range(len(hops))):
         hop = hops[i]
         bar = board.bar(f"[{hop.node}] image (relay)", size) if board is not None else None
         try:
-            run = _HopRun(hop, clients[hop.node], bar, stall)
+            run = _HopRun(hop, clients[hop.node], bar, stall, keys[hop.node], say)
         except (OSError, paramiko.SSHException) as exc:
             raise ChainBroken(
                 f"{hop.node}: no SSH channel for its relay", hop.node, hop.node
@@ -235,8 +286,16 @@ def _wait(runs: dict[str, _HopRun], stall: float) -> None:
         time.sleep(0.2)
 
 
-def run_chain(chain: Chain, clients, archive: Path, stall: float, board=None) -> tuple[int, dict]:
-    """Carry the chain out: (bytes sent from here, {node: problem or ""}).
+def run_chain(
+    chain: Chain,
+    clients,
+    archive: Path,
+    stall: float,
+    board=None,
+    say: Callable[[str], None] | None = None,
+) -> tuple[int, dict]:
+    """Carry the chain out: (bytes sent from here, {node: problem or ""}). `say` gets a
+    line for each connection a hop refused (a stranger on its port).
 
     ChainBroken when a hop cannot start: nothing has been sent yet, and the caller takes
     `drop` out of the chain and tries again."""
@@ -244,7 +303,7 @@ def run_chain(chain: Chain, clients, archive: Path, stall: float, board=None) ->
         clear(clients[node])
     runs: dict[str, _HopRun] = {}
     try:
-        _start(chain, clients, board, archive.stat().st_size, stall, runs)
+        _start(chain, clients, board, archive.stat().st_size, stall, runs, say)
         sent = _send(runs[chain.nodes[0]], archive)
         _wait(runs, stall)
         return sent, {node: run.problem() for node, run in runs.items()}
