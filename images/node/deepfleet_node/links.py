@@ -30,6 +30,8 @@ import sys
 import threading
 import time
 
+from deepfleet_node import preflight
+
 SECRET_ENV = "DEEPFLEET_LINK_SECRET"
 MAGIC = "deepfleet-link/1"
 OK = b"ok\n"
@@ -159,18 +161,6 @@ def _handle(conn: socket.socket, secret: str, refused: list[int]) -> None:
                 conn.recv(1)  # let the prober close first
         except (OSError, ValueError, IndexError):
             pass  # a prober that gave up or spoke nonsense is its own report
-
-
-def bind(port: int, host: str = "0.0.0.0") -> socket.socket:
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind((host, port))
-        sock.listen(16)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 def serve(sock: socket.socket, secret: str, seconds: float) -> int:
@@ -337,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_NO_SECRET
     if args.command == "serve":
         try:
-            sock = bind(args.port, args.host)
+            sock = preflight.bind(args.host, args.port)
         except OSError as exc:
             _emit({"error": f"cannot listen on port {args.port}: {exc.strerror or exc}"})
             return EXIT_BIND_FAILED

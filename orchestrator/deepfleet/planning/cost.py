@@ -78,6 +78,7 @@ from deepfleet.planning import memory
 from deepfleet.planning.compat import drivable_gpus
 from deepfleet.planning.plan import CPU_CORE_TFLOPS, ClusterPlan, gpu_speed
 from deepfleet.planning.reports import NodeReport
+from deepfleet_node.train.metrics import secs  # rank 0 prints step times the same way
 
 # ---------------------------------------------------------------- assumptions
 
@@ -305,16 +306,6 @@ class StepPrediction:
             f"({self.network_share:.0%} on the network; bottleneck: {self.bottleneck})"
             + (f"; {', '.join(self.assumed)}" if self.assumed else "")
         )
-
-
-def secs(s: float) -> str:
-    if s >= 100:
-        return f"{s:.0f} s"
-    if s >= 1:
-        return f"{s:.1f} s"
-    if s >= 0.1:
-        return f"{s:.2f} s"
-    return f"{s * 1000:.3g} ms"
 
 
 def _buckets(strategy: str) -> tuple[int, int]:

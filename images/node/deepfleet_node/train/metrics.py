@@ -88,7 +88,7 @@ def truth_line(measured: float, predicted: float) -> str:
 
 
 def secs(s: float) -> str:
-    """Seconds as the operator's plan prints them (planning/cost.py's secs)."""
+    """Seconds as rank 0 and the operator's plan (planning/cost.py) print them."""
     if s >= 100:
         return f"{s:.0f} s"
     if s >= 1:
